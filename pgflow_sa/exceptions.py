@@ -1,0 +1,31 @@
+"""Exceptions raised by pgflow-sa. Each message says what to do about it."""
+
+from __future__ import annotations
+
+
+class PgflowSaError(Exception):
+    """Base class of every pgflow-sa error."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class ConfigurationError(PgflowSaError):
+    """pgflow-sa is not configured correctly."""
+
+
+class DatabaseUnavailableError(PgflowSaError):
+    """The database could not be reached; check the URL and that the server is running."""
+
+
+class SchemaFilesMissingError(PgflowSaError):
+    """The pgflow SQL files are missing from this installation; reinstall pgflow-sa
+    (its build fetches them with npm)."""
+
+
+class InstallError(PgflowSaError):
+    """The pgflow schema could not be installed."""
+
+
+class EmbeddedServerError(PgflowSaError):
+    """The embedded PostgreSQL server could not be started."""

@@ -1,0 +1,37 @@
+"""The schema layer: typed tables, function wrappers and the installer.
+
+All SQL that pgflow-sa sends lives in this package.
+"""
+
+from . import functions, tables
+from .installer import (
+    InstallReport,
+    SchemaState,
+    SchemaStatus,
+    check,
+    check_schema,
+    install,
+    install_schema,
+)
+from .migrations import LATEST_VERSION, PINNED_VERSIONS, Migration, migrations
+from .names import NOTIFY_CHANNEL, PGFLOW_SA_SCHEMA, PGFLOW_SCHEMA, PGMQ_SCHEMA
+
+__all__ = [
+    "LATEST_VERSION",
+    "NOTIFY_CHANNEL",
+    "PGFLOW_SA_SCHEMA",
+    "PGFLOW_SCHEMA",
+    "PGMQ_SCHEMA",
+    "PINNED_VERSIONS",
+    "InstallReport",
+    "Migration",
+    "SchemaState",
+    "SchemaStatus",
+    "check",
+    "check_schema",
+    "functions",
+    "install",
+    "install_schema",
+    "migrations",
+    "tables",
+]

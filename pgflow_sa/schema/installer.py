@@ -1,0 +1,359 @@
+"""Install pgmq, a realtime.send publisher and the pinned pgflow schema.
+
+Everything runs in the caller's transaction (one transaction for the whole
+install) behind a transaction-scoped advisory lock, so two installers running
+at once serialise and the second finds nothing to do.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from importlib import resources
+
+import psycopg
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.engine import URL
+
+from .._db import database_errors, sync_engine
+from ..exceptions import InstallError
+from .migrations import LATEST_VERSION, PINNED_VERSIONS, Migration, migrations
+from .names import NOTIFY_CHANNEL, PGFLOW_SA_SCHEMA
+
+# pg_advisory_xact_lock key: "pgflow-sa install" (any fixed bigint would do)
+INSTALL_LOCK_KEY = 0x7067_666C_6F77_5341
+PGMQ_MIN_VERSION = (1, 5)
+REALTIME_SEND = "realtime.send(jsonb,text,text,boolean)"
+_OUR_PUBLISHER_MARK = "pgflow-sa:"
+_PGFLOW_CREATE_PGMQ = 'CREATE EXTENSION IF NOT EXISTS "pgmq" WITH SCHEMA "pgmq";'
+
+_PGMQ_OPTIONS = (
+    "either install the pgmq extension on the server (it must then be available to "
+    "CREATE EXTENSION pgmq) or install the SQL-only pgmq with `pip install pgmq` "
+    "(a dependency of pgflow-sa)"
+)
+
+
+class SchemaState(str, enum.Enum):
+    """What ``check`` found. The CLI's ``install --check`` exits with ``exit_code``."""
+
+    INSTALLED = "installed"
+    MISSING = "missing"
+    OUTDATED = "outdated"
+
+    @property
+    def exit_code(self) -> int:
+        return {"installed": 0, "missing": 3, "outdated": 4}[self.value]
+
+
+@dataclass(frozen=True)
+class SchemaStatus:
+    """The pgflow, pgmq and realtime state of one database."""
+
+    state: SchemaState
+    target_version: str
+    installed_version: str | None
+    managed_by: str | None  # "pgflow-sa", "external" or None when absent
+    pending: tuple[str, ...]
+    pgmq: str  # "extension 1.13.0", "sql-only", "available as extension 1.13.0", "missing"
+    realtime_send: str  # "pgflow-sa", "external" or "missing"
+
+    def describe(self) -> list[str]:
+        lines = [f"pgflow: {self.state.value}"]
+        if self.installed_version:
+            lines[0] += f" (version {self.installed_version}, managed by {self.managed_by})"
+        elif self.managed_by == "external":
+            lines[0] += " (installed by another tool, older than the pinned version)"
+        if self.state is not SchemaState.INSTALLED:
+            lines.append(f"target: pgflow {self.target_version}")
+        if self.pending:
+            span = self.pending[0] if len(self.pending) == 1 else f"{self.pending[0]} .. {self.pending[-1]}"
+            lines.append(f"pending migrations: {len(self.pending)} ({span})")
+        lines.append(f"pgmq: {self.pgmq}")
+        lines.append(f"realtime.send: {self.realtime_send}")
+        return lines
+
+
+@dataclass
+class InstallReport:
+    """What ``install`` did."""
+
+    status_before: SchemaStatus
+    status_after: SchemaStatus
+    actions: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.actions)
+
+
+@dataclass(frozen=True)
+class _Probe:
+    has_plpgsql: bool
+    pgmq_extension: str | None
+    pgmq_available: str | None
+    pgmq_sql_present: bool
+    pgmq_has_headers: bool
+    realtime_send_comment: str | None
+    has_realtime_send: bool
+    has_pgflow: bool
+    has_record: bool
+    external_fingerprint: bool
+    supabase_versions: frozenset[str] | None
+
+
+_PROBE_SQL = """
+SELECT
+  EXISTS (SELECT 1 FROM pg_language WHERE lanname = 'plpgsql') AS has_plpgsql,
+  (SELECT extversion FROM pg_extension WHERE extname = 'pgmq') AS pgmq_extension,
+  (SELECT default_version FROM pg_available_extensions WHERE name = 'pgmq') AS pgmq_available,
+  to_regclass('pgmq.meta') IS NOT NULL AS pgmq_sql_present,
+  EXISTS (
+    SELECT 1 FROM pg_type t
+    JOIN pg_namespace n ON n.oid = t.typnamespace
+    JOIN pg_attribute a ON a.attrelid = t.typrelid
+    WHERE n.nspname = 'pgmq' AND t.typname = 'message_record'
+      AND a.attname = 'headers' AND a.attnum > 0 AND NOT a.attisdropped
+  ) AS pgmq_has_headers,
+  to_regprocedure(:realtime_send) IS NOT NULL AS has_realtime_send,
+  obj_description(to_regprocedure(:realtime_send), 'pg_proc') AS realtime_send_comment,
+  to_regclass('pgflow.flows') IS NOT NULL AS has_pgflow,
+  to_regclass(:record_table) IS NOT NULL AS has_record,
+  coalesce(
+    pg_get_function_result(to_regprocedure('pgflow.set_vt_batch(text,bigint[],integer[])'))
+      LIKE '%headers jsonb%',
+    false
+  ) AS external_fingerprint,
+  to_regclass('supabase_migrations.schema_migrations') IS NOT NULL AS has_supabase
+"""
+
+
+def _probe(conn: Connection) -> _Probe:
+    row = conn.execute(
+        text(_PROBE_SQL),
+        {"realtime_send": REALTIME_SEND, "record_table": f"{PGFLOW_SA_SCHEMA}.schema_migrations"},
+    ).one()
+    supabase_versions = None
+    if row.has_supabase:
+        supabase_versions = frozenset(
+            conn.execute(text("SELECT version FROM supabase_migrations.schema_migrations")).scalars()
+        )
+    return _Probe(
+        has_plpgsql=row.has_plpgsql,
+        pgmq_extension=row.pgmq_extension,
+        pgmq_available=row.pgmq_available,
+        pgmq_sql_present=row.pgmq_sql_present,
+        pgmq_has_headers=row.pgmq_has_headers,
+        realtime_send_comment=row.realtime_send_comment,
+        has_realtime_send=row.has_realtime_send,
+        has_pgflow=row.has_pgflow,
+        has_record=row.has_record,
+        external_fingerprint=row.external_fingerprint,
+        supabase_versions=supabase_versions,
+    )
+
+
+def _recorded(conn: Connection, probe: _Probe) -> set[str]:
+    if not probe.has_record:
+        return set()
+    return set(
+        conn.execute(text(f"SELECT name FROM {PGFLOW_SA_SCHEMA}.schema_migrations")).scalars()
+    )
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def _pgmq_description(probe: _Probe) -> str:
+    if probe.pgmq_extension:
+        return f"extension {probe.pgmq_extension}"
+    if probe.pgmq_sql_present:
+        return "sql-only" if probe.pgmq_has_headers else "sql-only (older than 1.5)"
+    if probe.pgmq_available:
+        return f"missing (available as extension {probe.pgmq_available})"
+    return "missing"
+
+
+def _status(conn: Connection, version: str) -> tuple[SchemaStatus, _Probe, set[str]]:
+    probe = _probe(conn)
+    wanted = migrations(version)
+    recorded = _recorded(conn, probe) if probe.has_pgflow else set()
+    if not probe.has_realtime_send:
+        realtime = "missing"
+    elif (probe.realtime_send_comment or "").startswith(_OUR_PUBLISHER_MARK):
+        realtime = "pgflow-sa"
+    else:
+        realtime = "external"
+
+    def status(state: SchemaState, installed: str | None, managed: str | None,
+               pending: tuple[str, ...]) -> SchemaStatus:
+        return SchemaStatus(state, version, installed, managed, pending,
+                            _pgmq_description(probe), realtime)
+
+    if not probe.has_pgflow:
+        return status(SchemaState.MISSING, None, None, tuple(m.name for m in wanted)), probe, recorded
+    if not recorded:
+        # installed by something else: Supabase migrations, pgflow's own CLI, psql...
+        if probe.supabase_versions is not None:
+            applied = {m.name for m in wanted if m.version_id in probe.supabase_versions}
+            current = len(applied) == len(wanted)
+        else:
+            current = probe.external_fingerprint
+        if current:
+            return status(SchemaState.INSTALLED, version, "external", ()), probe, recorded
+        return status(SchemaState.OUTDATED, None, "external", ()), probe, recorded
+    pending = tuple(m.name for m in wanted if m.name not in recorded)
+    installed = None
+    for candidate in PINNED_VERSIONS:
+        if all(m.name in recorded for m in migrations(candidate)):
+            installed = candidate
+    state = SchemaState.OUTDATED if pending else SchemaState.INSTALLED
+    return status(state, installed, "pgflow-sa", pending), probe, recorded
+
+
+def check(conn: Connection, version: str = LATEST_VERSION) -> SchemaStatus:
+    """Report the state of the database without changing anything."""
+    return _status(conn, version)[0]
+
+
+def _run_script(conn: Connection, sql: str) -> None:
+    """Run a multi-statement SQL script in the connection's transaction.
+
+    The script goes to psycopg without parameters, so it is sent as it is
+    (several statements, '%' left alone); SQLAlchemy's own execute would
+    treat '%' as a placeholder."""
+    raw = conn.connection.driver_connection
+    if not isinstance(raw, psycopg.Connection):
+        raise InstallError(
+            "the installer needs a psycopg (sync) connection; pass a URL or a "
+            "postgresql+psycopg engine"
+        )
+    raw.execute(sql.encode("utf-8"))
+
+
+def _install_pgmq(conn: Connection, probe: _Probe, actions: list[str]) -> bool:
+    """Make pgmq >= 1.5 present. Returns True when pgflow's own CREATE EXTENSION line
+    must be skipped (pgmq installed from SQL, not as an extension)."""
+    if probe.pgmq_extension:
+        if _version_tuple(probe.pgmq_extension) < PGMQ_MIN_VERSION:
+            raise InstallError(
+                f"pgmq extension {probe.pgmq_extension} is installed but pgflow needs pgmq >= 1.5: "
+                "run ALTER EXTENSION pgmq UPDATE as a superuser, then install again"
+            )
+        return False
+    if probe.pgmq_sql_present:
+        if not probe.pgmq_has_headers:
+            raise InstallError(
+                "a SQL-only pgmq older than 1.5 is installed (pgmq.message_record has no "
+                "headers column); pgflow needs pgmq >= 1.5: upgrade pgmq, then install again"
+            )
+        return True
+    if probe.pgmq_available and _version_tuple(probe.pgmq_available) >= PGMQ_MIN_VERSION:
+        _run_script(conn, 'CREATE SCHEMA IF NOT EXISTS "pgmq"; ' + _PGFLOW_CREATE_PGMQ)
+        actions.append(f"pgmq: created extension {probe.pgmq_available}")
+        return False
+    try:
+        from pgmq.install import get_embedded_install_sql, get_embedded_sql_version
+    except ImportError:
+        raise InstallError(
+            f"pgmq is not installed in this database and cannot be: {_PGMQ_OPTIONS}"
+        ) from None
+    _run_script(conn, get_embedded_install_sql())
+    actions.append(f"pgmq: installed SQL-only pgmq {get_embedded_sql_version()}")
+    return True
+
+
+def _install_realtime_send(conn: Connection, probe: _Probe, actions: list[str]) -> None:
+    if probe.has_realtime_send:
+        return
+    sql = resources.files(__package__).joinpath("sql/realtime_send.sql").read_text("utf-8")
+    _run_script(conn, sql)
+    actions.append(f"realtime.send: installed pg_notify publisher (channel {NOTIFY_CHANNEL!r})")
+
+
+def _apply(conn: Connection, migration: Migration, skip_create_pgmq: bool) -> None:
+    sql = migration.sql
+    if skip_create_pgmq and _PGFLOW_CREATE_PGMQ in sql:
+        # pgmq came from its SQL-only install: there is no extension to create.
+        sql = sql.replace(_PGFLOW_CREATE_PGMQ, "-- pgmq installed from SQL by pgflow-sa")
+    _run_script(conn, sql)
+    conn.execute(
+        text(
+            f"INSERT INTO {PGFLOW_SA_SCHEMA}.schema_migrations (name, pgflow_version) "
+            "VALUES (:name, :release)"
+        ),
+        {"name": migration.name, "release": migration.release},
+    )
+
+
+def install(
+    conn: Connection, version: str = LATEST_VERSION, *, upto: str | None = None
+) -> InstallReport:
+    """Install or upgrade pgflow in the connection's current transaction.
+
+    ``upto`` stops after the named migration (e.g. to stage an upgrade). A pgflow
+    schema installed by another tool is detected and left as it is.
+    """
+    wanted = migrations(version)
+    if upto is not None and upto not in {m.name for m in wanted}:
+        raise InstallError(f"unknown pgflow migration {upto!r} for pgflow {version}")
+    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": INSTALL_LOCK_KEY})
+    before, probe, recorded = _status(conn, version)
+    actions: list[str] = []
+    if before.managed_by == "external":
+        if before.state is SchemaState.OUTDATED:
+            raise InstallError(
+                "this database has a pgflow schema that another tool installed and that is "
+                f"older than pgflow {version}; pgflow-sa does not change a schema it did not "
+                "install: upgrade it with the tool that installed it"
+            )
+        return InstallReport(before, before, actions)
+    if not probe.has_plpgsql:
+        raise InstallError(
+            "PL/pgSQL is not available in this database and pgflow's functions are written "
+            "in it: run CREATE EXTENSION plpgsql (as the database owner), then install again"
+        )
+    skip_create_pgmq = _install_pgmq(conn, probe, actions)
+    _install_realtime_send(conn, probe, actions)
+    conn.exec_driver_sql(
+        f"CREATE SCHEMA IF NOT EXISTS {PGFLOW_SA_SCHEMA};"
+        f"CREATE TABLE IF NOT EXISTS {PGFLOW_SA_SCHEMA}.schema_migrations ("
+        " name text PRIMARY KEY,"
+        " pgflow_version text NOT NULL,"
+        " applied_at timestamptz NOT NULL DEFAULT now())"
+    )
+    if not probe.has_pgflow and probe.has_record:
+        # the pgflow schema was dropped by hand: forget what was recorded
+        conn.exec_driver_sql(f"DELETE FROM {PGFLOW_SA_SCHEMA}.schema_migrations")
+    applied = []
+    for migration in wanted:
+        if migration.name not in recorded:
+            _apply(conn, migration, skip_create_pgmq)
+            applied.append(migration.name)
+        if migration.name == upto:
+            break
+    if applied:
+        actions.append(f"pgflow: applied {len(applied)} migration(s) of pgflow {version}")
+    after = _status(conn, version)[0]
+    return InstallReport(before, after, actions)
+
+
+def install_schema(
+    url: str | URL | Engine, version: str = LATEST_VERSION, *, upto: str | None = None
+) -> InstallReport:
+    """Install or upgrade pgflow in one transaction of its own (psycopg)."""
+    engine = sync_engine(url)
+    with database_errors(engine.url, InstallError), engine.begin() as conn:
+        return install(conn, version, upto=upto)
+
+
+def check_schema(url: str | URL | Engine, version: str = LATEST_VERSION) -> SchemaStatus:
+    """``check`` on a connection of its own."""
+    engine = sync_engine(url)
+    with database_errors(engine.url, InstallError), engine.connect() as conn:
+        return check(conn, version)

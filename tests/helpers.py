@@ -1,0 +1,62 @@
+"""Helpers shared by the tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+
+BIN = Path(sys.executable).parent
+CLI = str(BIN / "pgflow-sa")
+
+SNAPSHOT_SQL = """
+SELECT md5(string_agg(item, '|' ORDER BY item)) FROM (
+  SELECT 'fn:' || n.nspname || '.' || p.proname || '(' || pg_get_function_identity_arguments(p.oid)
+         || ')=' || md5(p.prosrc) || coalesce(obj_description(p.oid, 'pg_proc'), '') AS item
+  FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+  WHERE n.nspname IN ('pgflow', 'pgmq', 'realtime', 'pgflow_sa')
+  UNION ALL
+  SELECT 'rel:' || n.nspname || '.' || c.relname || ':' || c.relkind::text
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+  WHERE n.nspname IN ('pgflow', 'pgmq', 'realtime', 'pgflow_sa')
+  UNION ALL
+  SELECT 'ns:' || nspname FROM pg_namespace
+  UNION ALL
+  SELECT 'ext:' || extname || ' ' || extversion FROM pg_extension
+) items
+"""
+
+
+def snapshot(url: str) -> str:
+    """A digest of every schema object pgflow-sa could touch."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute(SNAPSHOT_SQL).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``pgflow-sa`` console script."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PGFLOW_SA_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [CLI, *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout,
+        check=False,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    """The command failed with exit code 1 and exactly one line on stderr, no traceback."""
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
