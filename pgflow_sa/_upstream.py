@@ -8,7 +8,7 @@ build runs ``npm pack`` for it, checks the tarball against the pinned sha512
 integrity and copies the migration files into ``pgflow_sa/_vendor/``, with a
 manifest of their sha256 digests that the installer checks at run time.
 
-Run ``python -m pgflow_sa._upstream`` to vendor the files by hand.
+Run ``python pgflow_sa/_upstream.py`` in a source checkout to vendor the files by hand.
 """
 
 from __future__ import annotations

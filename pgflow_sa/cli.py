@@ -64,9 +64,12 @@ def cli() -> None:
 
 @cli.command()
 @database_url_option
-@click.option("--check", is_flag=True,
-              help="Report the status without changing anything; exit code 0 installed, "
-                   "3 missing, 4 outdated.")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Report the status without changing anything; exit code 0 installed, "
+    "3 missing, 4 outdated.",
+)
 @clean_errors
 def install(database_url: str | None, check: bool) -> None:
     """Install (or upgrade) pgmq, realtime.send and the pinned pgflow schema.

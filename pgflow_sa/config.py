@@ -109,7 +109,9 @@ def _pyproject_url(start: Path) -> str | None:
     return None
 
 
-def resolve_database_url(explicit: str | None = None, cwd: Path | None = None) -> ResolvedUrl | None:
+def resolve_database_url(
+    explicit: str | None = None, cwd: Path | None = None
+) -> ResolvedUrl | None:
     """The configured database URL: the explicit value, else ``PGFLOW_SA_DATABASE_URL``,
     else ``database-url`` in ``[tool.pgflow-sa]`` of the nearest pyproject.toml.
     None means nothing is configured (the CLI then uses the embedded server)."""

@@ -39,13 +39,21 @@ def snapshot(url: str) -> str:
 
 
 def run_cli(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | str | None = None, timeout: float = 120
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | str | None = None,
+    timeout: float = 120,
 ) -> subprocess.CompletedProcess[str]:
     """Run the installed ``pgflow-sa`` console script."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PGFLOW_SA_")}
     full_env.update(env or {})
     return subprocess.run(
-        [CLI, *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout,
+        [CLI, *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=timeout,
         check=False,
     )
 

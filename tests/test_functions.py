@@ -46,8 +46,11 @@ async def aconn(db_url: str) -> AsyncIterator[AsyncConnection]:
 
 def _register_worker(conn: sa.Connection, queue: str) -> uuid.UUID:
     worker_id = uuid.uuid4()
-    conn.execute(sa.insert(tables.workers).values(
-        worker_id=worker_id, queue_name=queue, function_name="tests"))
+    conn.execute(
+        sa.insert(tables.workers).values(
+            worker_id=worker_id, queue_name=queue, function_name="tests"
+        )
+    )
     return worker_id
 
 
@@ -55,17 +58,38 @@ def test_definition_wrappers(conn: sa.Connection) -> None:
     flow = fn.create_flow("defs", max_attempts=4, timeout=30).one(conn)
     assert isinstance(flow, FlowRow)
     assert (flow.flow_slug, flow.opt_max_attempts, flow.opt_base_delay, flow.opt_timeout) == (
-        "defs", 4, 5, 30)
+        "defs",
+        4,
+        5,
+        30,
+    )
     assert isinstance(flow.created_at, datetime)
 
     root = fn.add_step("defs", "root").one(conn)
     assert isinstance(root, StepRow)
-    assert (root.step_type, root.step_index, root.deps_count, root.opt_timeout) == ("single", 0, 0, None)
-    mapped = fn.add_step("defs", "each", ["root"], max_attempts=2, base_delay=1, timeout=9,
-                         start_delay=3, step_type="map").one(conn)
+    assert (root.step_type, root.step_index, root.deps_count, root.opt_timeout) == (
+        "single",
+        0,
+        0,
+        None,
+    )
+    mapped = fn.add_step(
+        "defs",
+        "each",
+        ["root"],
+        max_attempts=2,
+        base_delay=1,
+        timeout=9,
+        start_delay=3,
+        step_type="map",
+    ).one(conn)
     assert (mapped.step_type, mapped.step_index, mapped.deps_count) == ("map", 1, 1)
-    assert (mapped.opt_max_attempts, mapped.opt_base_delay, mapped.opt_timeout,
-            mapped.opt_start_delay) == (2, 1, 9, 3)
+    assert (
+        mapped.opt_max_attempts,
+        mapped.opt_base_delay,
+        mapped.opt_timeout,
+        mapped.opt_start_delay,
+    ) == (2, 1, 9, 3)
 
     assert fn.is_valid_slug("good_slug").one(conn) is True
     assert fn.is_valid_slug("bad-slug").one(conn) is False
@@ -83,15 +107,24 @@ def test_worker_protocol_round_trip(conn: sa.Connection) -> None:
     assert isinstance(run, RunRow)
     assert (run.status, run.input, run.remaining_steps) == ("started", {"n": 1}, 2)
 
-    messages = fn.pgmq_read_with_poll("proto", 5, 10, max_poll_seconds=1, poll_interval_ms=50).all(conn)
-    assert len(messages) == 1 and isinstance(messages[0], MessageRecord)
-    assert messages[0].message == {"flow_slug": "proto", "run_id": str(run.run_id),
-                                   "step_slug": "first", "task_index": 0}
-    assert messages[0].read_ct == 1 and messages[0].headers is None
+    messages = fn.pgmq_read_with_poll("proto", 5, 10, max_poll_seconds=1, poll_interval_ms=50).all(
+        conn
+    )
+    assert len(messages) == 1
+    assert isinstance(messages[0], MessageRecord)
+    assert messages[0].message == {
+        "flow_slug": "proto",
+        "run_id": str(run.run_id),
+        "step_slug": "first",
+        "task_index": 0,
+    }
+    assert messages[0].read_ct == 1
+    assert messages[0].headers is None
 
     tasks = fn.start_tasks("proto", [messages[0].msg_id], worker_id).all(conn)
-    assert tasks == [StepTaskRecord("proto", run.run_id, "first", {"run": {"n": 1}},
-                                    messages[0].msg_id, 0)]
+    assert tasks == [
+        StepTaskRecord("proto", run.run_id, "first", {"run": {"n": 1}}, messages[0].msg_id, 0)
+    ]
     extended = fn.set_vt_batch("proto", [messages[0].msg_id], [30]).all(conn)
     assert [m.msg_id for m in extended] == [messages[0].msg_id]
     assert extended[0].vt > messages[0].vt
@@ -107,13 +140,18 @@ def test_worker_protocol_round_trip(conn: sa.Connection) -> None:
 
     failed = fn.fail_task(run.run_id, "second", 0, "ValueError: boom").all(conn)
     assert (failed[0].status, failed[0].attempts_count, failed[0].error_message) == (
-        "queued", 1, "ValueError: boom")
+        "queued",
+        1,
+        "ValueError: boom",
+    )
 
     state = fn.get_run_with_states(run.run_id).one(conn)
     assert state is not None
     assert state["run"]["status"] == "started"
     assert {s["step_slug"]: s["status"] for s in state["steps"]} == {
-        "first": "completed", "second": "started"}
+        "first": "completed",
+        "second": "started",
+    }
 
     metrics = fn.pgmq_metrics("proto").one(conn)
     assert isinstance(metrics, QueueMetrics)
@@ -139,12 +177,20 @@ def test_start_flow_with_states_and_run_id(conn: sa.Connection) -> None:
 def test_falsy_and_null_json_values_survive(conn: sa.Connection) -> None:
     fn.create_flow("falsy").one(conn)
     fn.add_step("falsy", "only").one(conn)
-    for value, as_json in ((0, "0"), (False, "false"), ("", '""'), ([], "[]"), ({}, "{}"),
-                           (None, "null")):
+    for value, as_json in (
+        (0, "0"),
+        (False, "false"),
+        ("", '""'),
+        ([], "[]"),
+        ({}, "{}"),
+        (None, "null"),
+    ):
         run = fn.start_flow("falsy", value).one(conn)
         assert run.input == value
         stored = conn.execute(
-            sa.select(sa.cast(tables.runs.c.input, sa.Text)).where(tables.runs.c.run_id == run.run_id)
+            sa.select(sa.cast(tables.runs.c.input, sa.Text)).where(
+                tables.runs.c.run_id == run.run_id
+            )
         ).scalar_one()
         assert stored == as_json
 
@@ -193,15 +239,22 @@ async def test_async_wrappers_with_asyncpg(aconn: AsyncConnection) -> None:
     run = await fn.start_flow("async_flow", [10, 0, False]).one_async(aconn)
     assert isinstance(run.run_id, uuid.UUID)
     worker_id = uuid.uuid4()
-    await aconn.execute(sa.insert(tables.workers).values(
-        worker_id=worker_id, queue_name="async_flow", function_name="tests"))
+    await aconn.execute(
+        sa.insert(tables.workers).values(
+            worker_id=worker_id, queue_name="async_flow", function_name="tests"
+        )
+    )
 
     messages = await fn.pgmq_read_with_poll("async_flow", 5, 10, 1, 50).all_async(aconn)
     assert sorted(m.message["task_index"] for m in messages) == [0, 1, 2]
-    tasks = await fn.start_tasks("async_flow", [m.msg_id for m in messages], worker_id).all_async(aconn)
+    tasks = await fn.start_tasks("async_flow", [m.msg_id for m in messages], worker_id).all_async(
+        aconn
+    )
     assert sorted((t.task_index, t.input) for t in tasks) == [(0, 10), (1, 0), (2, False)]
     for task in tasks:
-        await fn.complete_task(task.run_id, task.step_slug, task.task_index, task.input).all_async(aconn)
+        await fn.complete_task(task.run_id, task.step_slug, task.task_index, task.input).all_async(
+            aconn
+        )
 
     state = await fn.get_run_with_states(run.run_id).one_async(aconn)
     assert state is not None

@@ -13,10 +13,10 @@ from pgflow_sa import (
     InstallError,
     SchemaFilesMissingError,
     SchemaState,
+    _upstream,
     check_schema,
     install_schema,
 )
-from pgflow_sa import _upstream
 from pgflow_sa._db import sync_engine
 from pgflow_sa.schema import installer, migrations
 
@@ -116,7 +116,7 @@ def test_upgrade_applies_only_missing_migrations(empty_db_url: str) -> None:
 
 
 def test_unknown_upto_migration_is_refused(empty_db_url: str) -> None:
-    with pytest.raises(InstallError, match="unknown pgflow migration 'nope' for pgflow 0.8.1"):
+    with pytest.raises(InstallError, match=r"unknown pgflow migration 'nope' for pgflow 0\.8\.1"):
         install_schema(empty_db_url, upto="nope")
     assert check_schema(empty_db_url).state is SchemaState.MISSING
 
@@ -206,16 +206,20 @@ def test_existing_realtime_send_is_kept(empty_db_url: str) -> None:
             "SELECT prosrc FROM pg_proc WHERE proname = 'send' "
             "AND pronamespace = 'realtime'::regnamespace"
         ).fetchone()
-    assert row is not None and row[0].strip() == "SELECT"
+    assert row is not None
+    assert row[0].strip() == "SELECT"
 
 
 def _hide_pgmq_extension(conn: sa.Connection) -> None:
     """Make the server look like one without the pgmq extension (e.g. RDS)."""
     if conn.execute(sa.text("SHOW server_version_num")).scalar_one() >= "180000":
         conn.execute(sa.text("SET LOCAL extension_control_path = '$system'"))
-    assert conn.execute(
-        sa.text("SELECT count(*) FROM pg_available_extensions WHERE name = 'pgmq'")
-    ).scalar_one() == 0
+    assert (
+        conn.execute(
+            sa.text("SELECT count(*) FROM pg_available_extensions WHERE name = 'pgmq'")
+        ).scalar_one()
+        == 0
+    )
 
 
 def test_sql_only_pgmq_path_on_any_server(empty_db_url: str) -> None:
@@ -226,7 +230,9 @@ def test_sql_only_pgmq_path_on_any_server(empty_db_url: str) -> None:
     assert "pgmq: installed SQL-only pgmq 1.13.0" in report.actions
     assert report.status_after.pgmq == "sql-only"
     with psycopg.connect(empty_db_url) as conn:
-        assert conn.execute("SELECT count(*) FROM pg_extension WHERE extname = 'pgmq'").fetchone() == (0,)
+        assert conn.execute(
+            "SELECT count(*) FROM pg_extension WHERE extname = 'pgmq'"
+        ).fetchone() == (0,)
         conn.execute("SELECT pgmq.create('q1')")
         assert conn.execute("SELECT count(*) FROM pgmq.send('q1', '{}')").fetchone() == (1,)
     engine.dispose()
@@ -237,9 +243,10 @@ def test_no_pgmq_anywhere_names_both_options(
 ) -> None:
     monkeypatch.setitem(__import__("sys").modules, "pgmq.install", None)
     engine = sync_engine(empty_db_url)
-    with pytest.raises(InstallError) as info, engine.begin() as conn:
+    with engine.begin() as conn:
         _hide_pgmq_extension(conn)
-        installer.install(conn)
+        with pytest.raises(InstallError) as info:
+            installer.install(conn)
     message = str(info.value)
     assert message.startswith("pgmq is not installed in this database and cannot be:")
     assert "CREATE EXTENSION pgmq" in message

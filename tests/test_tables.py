@@ -56,19 +56,26 @@ def test_tables_read_and_write_typed_values(db_url: str) -> None:
         fn.add_step("typed", "only").one(conn)
         run = fn.start_flow("typed", {"n": 0}).one(conn)
         worker_id = uuid.uuid4()
-        conn.execute(sa.insert(tables.workers).values(
-            worker_id=worker_id, queue_name="typed", function_name="tests"))
+        conn.execute(
+            sa.insert(tables.workers).values(
+                worker_id=worker_id, queue_name="typed", function_name="tests"
+            )
+        )
         row = conn.execute(
-            sa.select(tables.runs.c.run_id, tables.runs.c.input, tables.runs.c.status)
-            .where(tables.runs.c.flow_slug == "typed")
+            sa.select(tables.runs.c.run_id, tables.runs.c.input, tables.runs.c.status).where(
+                tables.runs.c.flow_slug == "typed"
+            )
         ).one()
         task = conn.execute(
             sa.select(tables.step_tasks).where(tables.step_tasks.c.run_id == run.run_id)
         ).one()
         worker = conn.execute(sa.select(tables.workers.c.started_at)).scalar_one()
     engine.dispose()
-    assert row.run_id == run.run_id and isinstance(row.run_id, uuid.UUID)
+    assert row.run_id == run.run_id
+    assert isinstance(row.run_id, uuid.UUID)
     assert row.input == {"n": 0}
     assert row.status == "started"
-    assert task.status == "queued" and task.task_index == 0 and isinstance(task.message_id, int)
+    assert task.status == "queued"
+    assert task.task_index == 0
+    assert isinstance(task.message_id, int)
     assert worker.tzinfo is not None

@@ -125,7 +125,9 @@ def _rows_of(fn: Function[Any], table: Table, row_type: type[T]) -> Call[T]:
     return Call(select(tv), lambda row: from_mapping(row_type, row._mapping))
 
 
-def _record_rows(fn: Function[Any], columns: dict[str, TypeEngine[Any]], row_type: type[T]) -> Call[T]:
+def _record_rows(
+    fn: Function[Any], columns: dict[str, TypeEngine[Any]], row_type: type[T]
+) -> Call[T]:
     tv = fn.table_valued(*[column(name, type_) for name, type_ in columns.items()])
     return Call(select(tv), lambda row: from_mapping(row_type, row._mapping))
 
@@ -139,8 +141,8 @@ def _scalars(fn: Function[Any]) -> Call[Any]:
     return Call(select(fn.column_valued()), lambda row: row[0])
 
 
-_TS = DateTime(timezone=True)
-_STEP_TASK_RECORD = {
+_TS: TypeEngine[Any] = DateTime(timezone=True)
+_STEP_TASK_RECORD: dict[str, TypeEngine[Any]] = {
     "flow_slug": Text(),
     "run_id": PG_UUID(as_uuid=True),
     "step_slug": Text(),
@@ -148,7 +150,7 @@ _STEP_TASK_RECORD = {
     "msg_id": BigInteger(),
     "task_index": Integer(),
 }
-_MESSAGE_RECORD = {
+_MESSAGE_RECORD: dict[str, TypeEngine[Any]] = {
     "msg_id": BigInteger(),
     "read_ct": Integer(),
     "enqueued_at": _TS,
@@ -157,7 +159,9 @@ _MESSAGE_RECORD = {
     "message": JSONB(),
     "headers": JSONB(),
 }
-_SET_VT_BATCH_RESULT = {k: v for k, v in _MESSAGE_RECORD.items() if k != "last_read_at"}
+_SET_VT_BATCH_RESULT: dict[str, TypeEngine[Any]] = {
+    k: v for k, v in _MESSAGE_RECORD.items() if k != "last_read_at"
+}
 
 
 # --- pgflow: definitions -----------------------------------------------------
@@ -230,8 +234,14 @@ def start_flow_with_states(
     flow_slug: str, input: Any, run_id: UUID | str | None = None
 ) -> Call[dict[str, Any]]:
     """``pgflow.start_flow_with_states``: ``{"run": {...}, "steps": [...]}``."""
-    fn = _fn(PGFLOW_SCHEMA, "start_flow_with_states", _text(flow_slug), _json(input),
-             _uuid(run_id), type_=JSONB())
+    fn = _fn(
+        PGFLOW_SCHEMA,
+        "start_flow_with_states",
+        _text(flow_slug),
+        _json(input),
+        _uuid(run_id),
+        type_=JSONB(),
+    )
     return _scalar(fn)
 
 
@@ -259,15 +269,22 @@ def cascade_complete_taskless_steps(run_id: UUID | str) -> Call[int]:
 
 def calculate_retry_delay(base_delay: int | float, attempts_count: int) -> Call[int]:
     """``pgflow.calculate_retry_delay``: ``floor(base_delay * 2 ^ attempts_count)``."""
-    fn = _fn(PGFLOW_SCHEMA, "calculate_retry_delay", _param(base_delay, Numeric()),
-             _int(attempts_count), type_=Integer())
+    fn = _fn(
+        PGFLOW_SCHEMA,
+        "calculate_retry_delay",
+        _param(base_delay, Numeric()),
+        _int(attempts_count),
+        type_=Integer(),
+    )
     return _scalar(fn)
 
 
 # --- pgflow: worker protocol -------------------------------------------------
 
 
-def start_tasks(flow_slug: str, msg_ids: Sequence[int], worker_id: UUID | str) -> Call[StepTaskRecord]:
+def start_tasks(
+    flow_slug: str, msg_ids: Sequence[int], worker_id: UUID | str
+) -> Call[StepTaskRecord]:
     """``pgflow.start_tasks``: claim the queued tasks behind these messages."""
     fn = _fn(PGFLOW_SCHEMA, "start_tasks", _text(flow_slug), _bigints(msg_ids), _uuid(worker_id))
     return _record_rows(fn, _STEP_TASK_RECORD, StepTaskRecord)
@@ -277,8 +294,14 @@ def complete_task(
     run_id: UUID | str, step_slug: str, task_index: int, output: Any
 ) -> Call[StepTaskRow]:
     """``pgflow.complete_task``: stores ``output`` (any JSON value, falsy ones included)."""
-    fn = _fn(PGFLOW_SCHEMA, "complete_task", _uuid(run_id), _text(step_slug), _int(task_index),
-             _json(output))
+    fn = _fn(
+        PGFLOW_SCHEMA,
+        "complete_task",
+        _uuid(run_id),
+        _text(step_slug),
+        _int(task_index),
+        _json(output),
+    )
     return _rows_of(fn, tables.step_tasks, StepTaskRow)
 
 
@@ -286,8 +309,14 @@ def fail_task(
     run_id: UUID | str, step_slug: str, task_index: int, error_message: str
 ) -> Call[StepTaskRow]:
     """``pgflow.fail_task``: re-queues with backoff, or fails the step and run."""
-    fn = _fn(PGFLOW_SCHEMA, "fail_task", _uuid(run_id), _text(step_slug), _int(task_index),
-             _text(error_message))
+    fn = _fn(
+        PGFLOW_SCHEMA,
+        "fail_task",
+        _uuid(run_id),
+        _text(step_slug),
+        _int(task_index),
+        _text(error_message),
+    )
     return _rows_of(fn, tables.step_tasks, StepTaskRow)
 
 
@@ -303,8 +332,15 @@ def poll_for_tasks(
     queue_name: str, vt: int, qty: int, max_poll_seconds: int = 5, poll_interval_ms: int = 100
 ) -> Call[StepTaskRecord]:
     """``pgflow.poll_for_tasks``: deprecated upstream, returns no rows in 0.8.1."""
-    fn = _fn(PGFLOW_SCHEMA, "poll_for_tasks", _text(queue_name), _int(vt), _int(qty),
-             _int(max_poll_seconds), _int(poll_interval_ms))
+    fn = _fn(
+        PGFLOW_SCHEMA,
+        "poll_for_tasks",
+        _text(queue_name),
+        _int(vt),
+        _int(qty),
+        _int(max_poll_seconds),
+        _int(poll_interval_ms),
+    )
     return _record_rows(fn, _STEP_TASK_RECORD, StepTaskRecord)
 
 
@@ -321,8 +357,15 @@ def pgmq_read_with_poll(
     queue_name: str, vt: int, qty: int, max_poll_seconds: int = 5, poll_interval_ms: int = 100
 ) -> Call[MessageRecord]:
     """``pgmq.read_with_poll``: like read, waiting up to ``max_poll_seconds`` for messages."""
-    fn = _fn(PGMQ_SCHEMA, "read_with_poll", _text(queue_name), _int(vt), _int(qty),
-             _int(max_poll_seconds), _int(poll_interval_ms))
+    fn = _fn(
+        PGMQ_SCHEMA,
+        "read_with_poll",
+        _text(queue_name),
+        _int(vt),
+        _int(qty),
+        _int(max_poll_seconds),
+        _int(poll_interval_ms),
+    )
     return _record_rows(fn, _MESSAGE_RECORD, MessageRecord)
 
 
@@ -334,24 +377,30 @@ def pgmq_set_vt(queue_name: str, msg_ids: Sequence[int], vt: int) -> Call[Messag
 
 def pgmq_delete(queue_name: str, msg_ids: Sequence[int]) -> Call[int]:
     """``pgmq.delete``: the ids of the messages deleted."""
-    return _scalars(_fn(PGMQ_SCHEMA, "delete", _text(queue_name), _bigints(msg_ids), type_=BigInteger()))
+    return _scalars(
+        _fn(PGMQ_SCHEMA, "delete", _text(queue_name), _bigints(msg_ids), type_=BigInteger())
+    )
 
 
 def pgmq_archive(queue_name: str, msg_ids: Sequence[int]) -> Call[int]:
     """``pgmq.archive``: the ids of the messages moved to the archive."""
-    return _scalars(_fn(PGMQ_SCHEMA, "archive", _text(queue_name), _bigints(msg_ids), type_=BigInteger()))
+    return _scalars(
+        _fn(PGMQ_SCHEMA, "archive", _text(queue_name), _bigints(msg_ids), type_=BigInteger())
+    )
 
 
 def pgmq_send(queue_name: str, message: Any, delay: int = 0) -> Call[int]:
     """``pgmq.send``: the new message id."""
-    fn = _fn(PGMQ_SCHEMA, "send", _text(queue_name), _json(message), _int(delay), type_=BigInteger())
+    fn = _fn(
+        PGMQ_SCHEMA, "send", _text(queue_name), _json(message), _int(delay), type_=BigInteger()
+    )
     return _scalars(fn)
 
 
 def pgmq_metrics(queue_name: str) -> Call[QueueMetrics]:
     """``pgmq.metrics`` of one queue."""
     fn = _fn(PGMQ_SCHEMA, "metrics", _text(queue_name))
-    stmt = select(literal_column("*")).select_from(fn)
+    stmt: Executable = select(literal_column("*")).select_from(fn)
     return Call(stmt, lambda row: from_mapping(QueueMetrics, row._mapping))
 
 

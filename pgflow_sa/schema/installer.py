@@ -67,7 +67,11 @@ class SchemaStatus:
         if self.state is not SchemaState.INSTALLED:
             lines.append(f"target: pgflow {self.target_version}")
         if self.pending:
-            span = self.pending[0] if len(self.pending) == 1 else f"{self.pending[0]} .. {self.pending[-1]}"
+            span = (
+                self.pending[0]
+                if len(self.pending) == 1
+                else f"{self.pending[0]} .. {self.pending[-1]}"
+            )
             lines.append(f"pending migrations: {len(self.pending)} ({span})")
         lines.append(f"pgmq: {self.pgmq}")
         lines.append(f"realtime.send: {self.realtime_send}")
@@ -136,7 +140,9 @@ def _probe(conn: Connection) -> _Probe:
     supabase_versions = None
     if row.has_supabase:
         supabase_versions = frozenset(
-            conn.execute(text("SELECT version FROM supabase_migrations.schema_migrations")).scalars()
+            conn.execute(
+                text("SELECT version FROM supabase_migrations.schema_migrations")
+            ).scalars()
         )
     return _Probe(
         has_plpgsql=row.has_plpgsql,
@@ -190,13 +196,19 @@ def _status(conn: Connection, version: str) -> tuple[SchemaStatus, _Probe, set[s
     else:
         realtime = "external"
 
-    def status(state: SchemaState, installed: str | None, managed: str | None,
-               pending: tuple[str, ...]) -> SchemaStatus:
-        return SchemaStatus(state, version, installed, managed, pending,
-                            _pgmq_description(probe), realtime)
+    def status(
+        state: SchemaState, installed: str | None, managed: str | None, pending: tuple[str, ...]
+    ) -> SchemaStatus:
+        return SchemaStatus(
+            state, version, installed, managed, pending, _pgmq_description(probe), realtime
+        )
 
     if not probe.has_pgflow:
-        return status(SchemaState.MISSING, None, None, tuple(m.name for m in wanted)), probe, recorded
+        return (
+            status(SchemaState.MISSING, None, None, tuple(m.name for m in wanted)),
+            probe,
+            recorded,
+        )
     if not recorded:
         # installed by something else: Supabase migrations, pgflow's own CLI, psql...
         if probe.supabase_versions is not None:

@@ -34,13 +34,15 @@ def migrations(version: str = LATEST_VERSION) -> tuple[Migration, ...]:
     """The migrations of a pinned release, in the order they apply."""
     if version not in _upstream.RELEASES:
         pinned = ", ".join(PINNED_VERSIONS)
-        raise SchemaFilesMissingError(f"pgflow {version} is not pinned by pgflow-sa (pinned: {pinned})")
+        raise SchemaFilesMissingError(
+            f"pgflow {version} is not pinned by pgflow-sa (pinned: {pinned})"
+        )
     manifest = _upstream.read_manifest(version)
     if manifest is None:
         raise SchemaFilesMissingError(
             f"the pgflow {version} SQL files are missing or damaged in "
             f"{_upstream.release_dir(version)}; reinstall pgflow-sa (`pip install .` fetches "
-            "them with npm) or run `python -m pgflow_sa._upstream`"
+            "them with npm) or run `python pgflow_sa/_upstream.py` in a source checkout"
         )
     entries = manifest["migrations"]
     assert isinstance(entries, list)

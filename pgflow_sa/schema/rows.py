@@ -12,7 +12,7 @@ from uuid import UUID
 R = TypeVar("R")
 
 
-def from_mapping(cls: type[R], mapping: Mapping[str, Any]) -> R:
+def from_mapping(cls: type[R], mapping: Mapping[Any, Any]) -> R:
     """Build a row dataclass, ignoring columns it does not declare (newer pgmq
     versions add columns to their result types)."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]

@@ -27,8 +27,9 @@ _TS = DateTime(timezone=True)
 _NOW = text("now()")
 
 
-def _fk(columns: list[str], target: str, refcolumns: list[str], name: str,
-        ondelete: str | None = None) -> ForeignKeyConstraint:
+def _fk(
+    columns: list[str], target: str, refcolumns: list[str], name: str, ondelete: str | None = None
+) -> ForeignKeyConstraint:
     return ForeignKeyConstraint(
         columns, [f"{PGFLOW_SCHEMA}.{target}.{c}" for c in refcolumns], name=name, ondelete=ondelete
     )
@@ -65,8 +66,9 @@ steps = Table(
     PrimaryKeyConstraint("flow_slug", "step_slug", name="steps_pkey"),
     UniqueConstraint("flow_slug", "step_index", name="steps_flow_slug_step_index_key"),
     _fk(["flow_slug"], "flows", ["flow_slug"], "steps_flow_slug_fkey"),
-    CheckConstraint("step_type = ANY (ARRAY['single'::text, 'map'::text])",
-                    name="steps_step_type_check"),
+    CheckConstraint(
+        "step_type = ANY (ARRAY['single'::text, 'map'::text])", name="steps_step_type_check"
+    ),
     CheckConstraint("deps_count >= 0", name="steps_deps_count_check"),
     schema=PGFLOW_SCHEMA,
 )
@@ -79,10 +81,19 @@ deps = Table(
     Column("step_slug", Text, nullable=False),
     Column("created_at", _TS, nullable=False, server_default=_NOW),
     PrimaryKeyConstraint("flow_slug", "dep_slug", "step_slug", name="deps_pkey"),
-    _fk(["flow_slug", "dep_slug"], "steps", ["flow_slug", "step_slug"], "deps_flow_slug_dep_slug_fkey"),
+    _fk(
+        ["flow_slug", "dep_slug"],
+        "steps",
+        ["flow_slug", "step_slug"],
+        "deps_flow_slug_dep_slug_fkey",
+    ),
     _fk(["flow_slug"], "flows", ["flow_slug"], "deps_flow_slug_fkey"),
-    _fk(["flow_slug", "step_slug"], "steps", ["flow_slug", "step_slug"],
-        "deps_flow_slug_step_slug_fkey"),
+    _fk(
+        ["flow_slug", "step_slug"],
+        "steps",
+        ["flow_slug", "step_slug"],
+        "deps_flow_slug_step_slug_fkey",
+    ),
     CheckConstraint("dep_slug <> step_slug", name="deps_check"),
     Index("idx_deps_by_flow_dep", "flow_slug", "dep_slug"),
     Index("idx_deps_by_flow_step", "flow_slug", "step_slug"),
@@ -105,8 +116,10 @@ runs = Table(
     Column("failed_at", _TS),
     PrimaryKeyConstraint("run_id", name="runs_pkey"),
     _fk(["flow_slug"], "flows", ["flow_slug"], "runs_flow_slug_fkey"),
-    CheckConstraint("status = ANY (ARRAY['started'::text, 'failed'::text, 'completed'::text])",
-                    name="status_is_valid"),
+    CheckConstraint(
+        "status = ANY (ARRAY['started'::text, 'failed'::text, 'completed'::text])",
+        name="status_is_valid",
+    ),
     CheckConstraint("remaining_steps >= 0", name="runs_remaining_steps_check"),
     Index("idx_runs_flow_slug", "flow_slug"),
     Index("idx_runs_status", "status"),
@@ -132,20 +145,35 @@ step_states = Table(
     Column("initial_tasks", Integer),
     PrimaryKeyConstraint("run_id", "step_slug", name="step_states_pkey"),
     _fk(["flow_slug"], "flows", ["flow_slug"], "step_states_flow_slug_fkey"),
-    _fk(["flow_slug", "step_slug"], "steps", ["flow_slug", "step_slug"],
-        "step_states_flow_slug_step_slug_fkey"),
+    _fk(
+        ["flow_slug", "step_slug"],
+        "steps",
+        ["flow_slug", "step_slug"],
+        "step_states_flow_slug_step_slug_fkey",
+    ),
     _fk(["run_id"], "runs", ["run_id"], "step_states_run_id_fkey"),
     CheckConstraint(
         "status = ANY (ARRAY['created'::text, 'started'::text, 'completed'::text, 'failed'::text])",
         name="status_is_valid",
     ),
-    CheckConstraint("status <> 'completed'::text OR remaining_tasks = 0",
-                    name="status_and_remaining_tasks_match"),
-    Index("idx_step_states_failed", "run_id", "step_slug",
-          postgresql_where=text("status = 'failed'::text")),
+    CheckConstraint(
+        "status <> 'completed'::text OR remaining_tasks = 0",
+        name="status_and_remaining_tasks_match",
+    ),
+    Index(
+        "idx_step_states_failed",
+        "run_id",
+        "step_slug",
+        postgresql_where=text("status = 'failed'::text"),
+    ),
     Index("idx_step_states_flow_slug", "flow_slug"),
-    Index("idx_step_states_ready", "run_id", "status", "remaining_deps",
-          postgresql_where=text("status = 'created'::text AND remaining_deps = 0")),
+    Index(
+        "idx_step_states_ready",
+        "run_id",
+        "status",
+        "remaining_deps",
+        postgresql_where=text("status = 'created'::text AND remaining_deps = 0"),
+    ),
     Index("idx_step_states_run_id", "run_id"),
     schema=PGFLOW_SCHEMA,
 )
@@ -171,30 +199,56 @@ step_tasks = Table(
     Column("last_worker_id", UUID(as_uuid=True)),
     PrimaryKeyConstraint("run_id", "step_slug", "task_index", name="step_tasks_pkey"),
     _fk(["flow_slug"], "flows", ["flow_slug"], "step_tasks_flow_slug_fkey"),
-    _fk(["last_worker_id"], "workers", ["worker_id"], "step_tasks_last_worker_id_fkey",
-        ondelete="SET NULL"),
+    _fk(
+        ["last_worker_id"],
+        "workers",
+        ["worker_id"],
+        "step_tasks_last_worker_id_fkey",
+        ondelete="SET NULL",
+    ),
     _fk(["run_id"], "runs", ["run_id"], "step_tasks_run_id_fkey"),
-    _fk(["run_id", "step_slug"], "step_states", ["run_id", "step_slug"],
-        "step_tasks_run_id_step_slug_fkey"),
+    _fk(
+        ["run_id", "step_slug"],
+        "step_states",
+        ["run_id", "step_slug"],
+        "step_tasks_run_id_step_slug_fkey",
+    ),
     CheckConstraint(
         "status = ANY (ARRAY['queued'::text, 'started'::text, 'completed'::text, 'failed'::text])",
         name="valid_status",
     ),
     CheckConstraint("attempts_count >= 0", name="attempts_count_nonnegative"),
-    Index("idx_step_tasks_completed", "run_id", "step_slug",
-          postgresql_where=text("status = 'completed'::text")),
-    Index("idx_step_tasks_failed", "run_id", "step_slug",
-          postgresql_where=text("status = 'failed'::text")),
+    Index(
+        "idx_step_tasks_completed",
+        "run_id",
+        "step_slug",
+        postgresql_where=text("status = 'completed'::text"),
+    ),
+    Index(
+        "idx_step_tasks_failed",
+        "run_id",
+        "step_slug",
+        postgresql_where=text("status = 'failed'::text"),
+    ),
     Index("idx_step_tasks_flow_run_step", "flow_slug", "run_id", "step_slug"),
-    Index("idx_step_tasks_last_worker", "last_worker_id",
-          postgresql_where=text("status = 'started'::text")),
+    Index(
+        "idx_step_tasks_last_worker",
+        "last_worker_id",
+        postgresql_where=text("status = 'started'::text"),
+    ),
     Index("idx_step_tasks_message_id", "message_id"),
-    Index("idx_step_tasks_queued", "run_id", "step_slug",
-          postgresql_where=text("status = 'queued'::text")),
-    Index("idx_step_tasks_queued_msg", "message_id",
-          postgresql_where=text("status = 'queued'::text")),
-    Index("idx_step_tasks_started", "started_at",
-          postgresql_where=text("status = 'started'::text")),
+    Index(
+        "idx_step_tasks_queued",
+        "run_id",
+        "step_slug",
+        postgresql_where=text("status = 'queued'::text"),
+    ),
+    Index(
+        "idx_step_tasks_queued_msg", "message_id", postgresql_where=text("status = 'queued'::text")
+    ),
+    Index(
+        "idx_step_tasks_started", "started_at", postgresql_where=text("status = 'started'::text")
+    ),
     schema=PGFLOW_SCHEMA,
 )
 

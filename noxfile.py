@@ -1,0 +1,33 @@
+"""Developer sessions: ``nox -s tests lint typecheck``."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+SYSTEM_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The suite on the embedded server (pgmq extension path); pass ``system`` to run it
+    on the PostgreSQL at 127.0.0.1:5432 as well (pgmq SQL-only path)."""
+    session.install("-e", ".[dev]")
+    if "system" in session.posargs:
+        session.run("pytest", env={"PGFLOW_SA_TEST_DATABASE_URL": SYSTEM_SERVER})
+    session.run("pytest")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    session.install("-e", ".[dev]")
+    session.run("mypy")
