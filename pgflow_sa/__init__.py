@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from .compiler import compile_flow
 from .config import resolve_database_url, to_libpq_url, to_sqlalchemy_url
+from .context import Context
+from .dsl import Flow, StepDefinition
 from .embedded import EmbeddedServer
 from .exceptions import (
     ConfigurationError,
     DatabaseUnavailableError,
     EmbeddedServerError,
+    FlowDefinitionError,
     InstallError,
+    InvalidInputError,
     PgflowSaError,
     SchemaFilesMissingError,
 )
+from .registry import FlowRegistry, load_registry
 from .schema import (
     LATEST_VERSION,
     SchemaState,
@@ -21,24 +27,37 @@ from .schema import (
     install_schema,
     tables,
 )
+from .shape import FlowShape, ShapeDiff, StepShape, diff_shapes
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LATEST_VERSION",
     "ConfigurationError",
+    "Context",
     "DatabaseUnavailableError",
     "EmbeddedServer",
     "EmbeddedServerError",
+    "Flow",
+    "FlowDefinitionError",
+    "FlowRegistry",
+    "FlowShape",
     "InstallError",
+    "InvalidInputError",
     "PgflowSaError",
     "SchemaFilesMissingError",
     "SchemaState",
     "SchemaStatus",
+    "ShapeDiff",
+    "StepDefinition",
+    "StepShape",
     "__version__",
     "check_schema",
+    "compile_flow",
+    "diff_shapes",
     "functions",
     "install_schema",
+    "load_registry",
     "resolve_database_url",
     "tables",
     "to_libpq_url",

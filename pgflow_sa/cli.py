@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import wraps
 from typing import Any, TypeVar
 
 import click
 
 from . import __version__
+from .compiler import compile_flow
 from .config import DATABASE_URL_ENV, default_data_dir, mask_password, resolve_database_url
+from .dsl import Flow
 from .embedded import EmbeddedServer
 from .exceptions import PgflowSaError
+from .registry import FlowRegistry, load_registry
 from .schema.installer import check_schema, install_schema
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -128,6 +131,54 @@ def dev_db_stop() -> None:
     """Stop the embedded server."""
     server = EmbeddedServer(default_data_dir())
     click.echo("stopped" if server.stop() else "not running")
+
+
+def _selected(registry: FlowRegistry, slugs: tuple[str, ...]) -> list[Flow]:
+    for slug in slugs:
+        if slug not in registry:
+            known = ", ".join(f.slug for f in registry) or "none"
+            raise PgflowSaError(f"no flow {slug!r} in this APP (its flows: {known})")
+    return [registry.get(s) for s in slugs] if slugs else list(registry)
+
+
+def _describe_options(options: Mapping[str, int | None]) -> str:
+    return " ".join(f"{k}={v}" for k, v in options.items() if v is not None)
+
+
+@cli.group()
+def flows() -> None:
+    """Inspect the flows of an APP (an import path such as myapp.flows:registry)."""
+
+
+@flows.command("list")
+@click.argument("app")
+@clean_errors
+def flows_list(app: str) -> None:
+    """List the flows of APP with their steps, dependencies and options."""
+    registry = load_registry(app)
+    for flow in registry:
+        shape = flow.shape()
+        click.echo(f"{flow.slug}  ({_describe_options(shape.options())})")
+        width = max(len(s.slug) for s in flow.steps)
+        for index, step in enumerate(flow.steps):
+            deps = f"<- {', '.join(step.depends_on)}" if step.depends_on else "(root)"
+            options = _describe_options(step.options())
+            line = f"  {index:>2} {step.slug:<{width}}  {step.step_type:<6}  {deps}"
+            click.echo(f"{line}  {options}".rstrip())
+
+
+@cli.command("compile")
+@click.argument("app")
+@click.argument("flow_slugs", nargs=-1, metavar="[FLOW]...")
+@clean_errors
+def compile_command(app: str, flow_slugs: tuple[str, ...]) -> None:
+    """Print the SQL that creates the flows of APP (all, or the FLOWs named)."""
+    chosen = _selected(load_registry(app), flow_slugs)
+    for number, flow in enumerate(chosen):
+        if number:
+            click.echo("")
+        for statement in compile_flow(flow):
+            click.echo(statement)
 
 
 def main() -> None:

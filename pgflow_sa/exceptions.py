@@ -29,3 +29,11 @@ class InstallError(PgflowSaError):
 
 class EmbeddedServerError(PgflowSaError):
     """The embedded PostgreSQL server could not be started."""
+
+
+class FlowDefinitionError(PgflowSaError, ValueError):
+    """A flow definition breaks a pgflow rule."""
+
+
+class InvalidInputError(PgflowSaError, ValueError):
+    """The input does not fit the flow."""

@@ -15,6 +15,7 @@ from .installer import (
 )
 from .migrations import LATEST_VERSION, PINNED_VERSIONS, Migration, migrations
 from .names import NOTIFY_CHANNEL, PGFLOW_SA_SCHEMA, PGFLOW_SCHEMA, PGMQ_SCHEMA
+from .shapes import list_flow_slugs, read_flow_shape, read_flow_shape_async
 
 __all__ = [
     "LATEST_VERSION",
@@ -32,6 +33,9 @@ __all__ = [
     "functions",
     "install",
     "install_schema",
+    "list_flow_slugs",
     "migrations",
+    "read_flow_shape",
+    "read_flow_shape_async",
     "tables",
 ]
