@@ -216,28 +216,10 @@ class Flow:
         start_delay: int | None = None,
     ) -> Callable[[H], H]: ...
 
-    def step(
-        self,
-        handler: H | None = None,
-        /,
-        *,
-        slug: str | None = None,
-        depends_on: Sequence[DependencyRef] | DependencyRef = (),
-        max_attempts: int | None = None,
-        base_delay: int | None = None,
-        timeout: int | None = None,
-        start_delay: int | None = None,
-    ) -> H | Callable[[H], H]:
+    def step(self, handler: H | None = None, /, **options: Any) -> H | Callable[[H], H]:
         """Add a step; usable bare (``@flow.step``) or with options. Its input is the
         flow input for a root step, else ``{dependency_slug: output, ...}``."""
-
-        def register(func: H) -> H:
-            self._add(
-                func, "single", slug, depends_on, max_attempts, base_delay, timeout, start_delay
-            )
-            return func
-
-        return register(handler) if handler is not None else register
+        return self._decorator("single", handler, options)
 
     @overload
     def map(self, handler: H, /) -> H: ...
@@ -255,24 +237,30 @@ class Flow:
         start_delay: int | None = None,
     ) -> Callable[[H], H]: ...
 
-    def map(
-        self,
-        handler: H | None = None,
-        /,
-        *,
-        slug: str | None = None,
-        depends_on: Sequence[DependencyRef] | DependencyRef = (),
-        max_attempts: int | None = None,
-        base_delay: int | None = None,
-        timeout: int | None = None,
-        start_delay: int | None = None,
-    ) -> H | Callable[[H], H]:
+    def map(self, handler: H | None = None, /, **options: Any) -> H | Callable[[H], H]:
         """Add a map step: one task per element of the flow input (no dependency; the
         input must be an array) or of its single dependency's array output. Its
         output is the list of task outputs, in element order."""
+        return self._decorator("map", handler, options)
+
+    def _decorator(
+        self, step_type: str, handler: H | None, options: dict[str, Any]
+    ) -> H | Callable[[H], H]:
+        unknown = set(options) - {"slug", "depends_on", *OPTION_MINIMUMS}
+        if unknown:
+            raise FlowDefinitionError(
+                f"Flow {self.slug!r}: unknown step option(s) {sorted(unknown)}; "
+                f"use slug, depends_on, {', '.join(OPTION_MINIMUMS)}"
+            )
 
         def register(func: H) -> H:
-            self._add(func, "map", slug, depends_on, max_attempts, base_delay, timeout, start_delay)
+            self._add(
+                func,
+                step_type,
+                options.get("slug"),
+                options.get("depends_on", ()),
+                {name: options.get(name) for name in OPTION_MINIMUMS},
+            )
             return func
 
         return register(handler) if handler is not None else register
@@ -303,10 +291,7 @@ class Flow:
         step_type: str,
         slug: str | None,
         depends_on: Sequence[DependencyRef] | DependencyRef,
-        max_attempts: int | None,
-        base_delay: int | None,
-        timeout: int | None,
-        start_delay: int | None,
+        options: dict[str, int | None],
     ) -> None:
         step_slug = slug if slug is not None else getattr(handler, "__name__", None)
         where = f"Flow {self.slug!r}, step {step_slug!r}"
@@ -338,12 +323,6 @@ class Flow:
                 f"{where}: a map step can depend on at most one step (the one whose array it "
                 f"maps over), got {deps}; add a step that combines them first"
             )
-        options = {
-            "max_attempts": max_attempts,
-            "base_delay": base_delay,
-            "timeout": timeout,
-            "start_delay": start_delay,
-        }
         _check_options(where, options)
         annotation, takes_context = _handler_signature(where, handler)
         definition = StepDefinition(

@@ -306,3 +306,11 @@ def test_registry() -> None:
         registry.get("c")
     assert [f.slug for f in FlowRegistry.of([a, b])] == ["a", "b"]
     assert list(FlowRegistry.of(a)) == [a]
+
+
+def test_unknown_step_option() -> None:
+    flow = Flow("f")
+    assert _error(lambda: flow.step(slug="s", retries=3)(noop)) == (  # type: ignore[call-overload]
+        "Flow 'f': unknown step option(s) ['retries']; use slug, depends_on, max_attempts, "
+        "base_delay, timeout, start_delay"
+    )
