@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .client import Run, RunStatus, get_run, get_run_async, start_flow, start_flow_async
 from .compiler import compile_flow
 from .config import resolve_database_url, to_libpq_url, to_sqlalchemy_url
 from .context import Context
@@ -12,6 +13,7 @@ from .exceptions import (
     DatabaseUnavailableError,
     EmbeddedServerError,
     FlowDefinitionError,
+    FlowNotFoundError,
     InstallError,
     InvalidInputError,
     PgflowSaError,
@@ -40,11 +42,14 @@ __all__ = [
     "EmbeddedServerError",
     "Flow",
     "FlowDefinitionError",
+    "FlowNotFoundError",
     "FlowRegistry",
     "FlowShape",
     "InstallError",
     "InvalidInputError",
     "PgflowSaError",
+    "Run",
+    "RunStatus",
     "SchemaFilesMissingError",
     "SchemaState",
     "SchemaStatus",
@@ -56,9 +61,13 @@ __all__ = [
     "compile_flow",
     "diff_shapes",
     "functions",
+    "get_run",
+    "get_run_async",
     "install_schema",
     "load_registry",
     "resolve_database_url",
+    "start_flow",
+    "start_flow_async",
     "tables",
     "to_libpq_url",
     "to_sqlalchemy_url",

@@ -22,6 +22,7 @@ definition fails at import time with a message naming the flow and step.
 from __future__ import annotations
 
 import inspect
+import json
 import re
 import typing
 from collections.abc import Callable, Iterable, Sequence
@@ -384,8 +385,6 @@ class Flow:
     def validate_input(self, value: Any) -> Any:
         """Check a flow input before starting a run; returns it as JSON-ready data
         (a pydantic model becomes a dict). Raises InvalidInputError saying what is wrong."""
-        import json
-
         from pydantic import PydanticUserError, TypeAdapter, ValidationError
         from pydantic_core import PydanticSerializationError
 
@@ -415,10 +414,17 @@ class Flow:
                 raise InvalidInputError(f"{where}: {problems}") from None
             except PydanticSerializationError as exc:
                 raise InvalidInputError(f"{where}: it is not JSON-serialisable ({exc})") from None
+        return Flow.check_json(self.slug, value)
+
+    @staticmethod
+    def check_json(flow_slug: str, value: Any) -> Any:
+        """``value`` if it can be stored as JSON (tuples become lists), else InvalidInputError."""
         try:
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
-            raise InvalidInputError(f"{where}: it is not JSON-serialisable ({exc})") from None
+            raise InvalidInputError(
+                f"invalid input for flow {flow_slug!r}: it is not JSON-serialisable ({exc})"
+            ) from None
         return list(value) if isinstance(value, tuple) else value
 
     @property

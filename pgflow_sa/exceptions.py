@@ -37,3 +37,7 @@ class FlowDefinitionError(PgflowSaError, ValueError):
 
 class InvalidInputError(PgflowSaError, ValueError):
     """The input does not fit the flow."""
+
+
+class FlowNotFoundError(PgflowSaError, LookupError):
+    """The flow is not in this database."""
