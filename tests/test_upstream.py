@@ -174,4 +174,4 @@ def test_build_without_npm_fails_clearly(tmp_path: Path) -> None:
     proc = _hatchling(src, tmp_path / "dist", str(no_npm))
     assert proc.returncode != 0
     assert "pgflow-sa build: npm was not found on PATH" in proc.stderr + proc.stdout
-    assert not list((tmp_path / "dist").glob("*.whl")) if (tmp_path / "dist").exists() else True
+    assert not list((tmp_path / "dist").glob("*.whl"))
