@@ -121,8 +121,8 @@ def _ints(values: Sequence[int]) -> ColumnElement[Any]:
 
 
 def _rows_of(fn: Function[Any], table: Table, row_type: type[T]) -> Call[T]:
-    tv = fn.table_valued(*[column(c.name, c.type) for c in table.columns])
-    return Call(select(tv), lambda row: from_mapping(row_type, row._mapping))
+    """A function returning rows of a pgflow table."""
+    return _record_rows(fn, {c.name: c.type for c in table.columns}, row_type)
 
 
 def _record_rows(
