@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from .dsl import Flow, is_safe_slug
 from .exceptions import FlowDefinitionError
-
-_OPTION_ORDER = ("max_attempts", "base_delay", "timeout", "start_delay")
+from .shape import STEP_OPTION_NAMES
 
 
 def _quoted(slug: str) -> str:
@@ -20,7 +19,7 @@ def _quoted(slug: str) -> str:
 
 def _options(options: dict[str, int | None]) -> str:
     parts = []
-    for name in _OPTION_ORDER:
+    for name in STEP_OPTION_NAMES:
         value = options.get(name)
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, int):

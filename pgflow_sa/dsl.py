@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
 from .exceptions import FlowDefinitionError, InvalidInputError
-from .shape import FLOW_DEFAULTS, FlowShape, StepShape
+from .shape import FLOW_DEFAULTS, STEP_OPTION_NAMES, FlowShape, StepShape
 
 H = TypeVar("H", bound=Callable[..., Any])
 DependencyRef = str | Callable[..., Any]
@@ -111,12 +111,7 @@ class StepDefinition:
 
     def options(self) -> dict[str, int | None]:
         """The options set explicitly (None when left to the flow's)."""
-        return {
-            "max_attempts": self.max_attempts,
-            "base_delay": self.base_delay,
-            "timeout": self.timeout,
-            "start_delay": self.start_delay,
-        }
+        return {name: getattr(self, name) for name in STEP_OPTION_NAMES}
 
 
 def _handler_signature(where: str, handler: Callable[..., Any]) -> tuple[Any, bool]:

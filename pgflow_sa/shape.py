@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 #: pgflow.create_flow's defaults (0.8.1): what a flow gets for options it leaves unset.
 FLOW_DEFAULTS = {"max_attempts": 3, "base_delay": 5, "timeout": 60}
+#: Step options, in the order pgflow.add_step (and the compiled SQL) takes them.
+STEP_OPTION_NAMES = ("max_attempts", "base_delay", "timeout", "start_delay")
 
 
 @dataclass(frozen=True)
@@ -25,12 +27,7 @@ class StepShape:
     start_delay: int | None = None
 
     def options(self) -> dict[str, int | None]:
-        return {
-            "max_attempts": self.max_attempts,
-            "base_delay": self.base_delay,
-            "timeout": self.timeout,
-            "start_delay": self.start_delay,
-        }
+        return {name: getattr(self, name) for name in STEP_OPTION_NAMES}
 
 
 @dataclass(frozen=True)
