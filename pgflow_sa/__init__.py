@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from .client import Run, RunStatus, get_run, get_run_async, start_flow, start_flow_async
+from .client import (
+    get_run,
+    get_run_async,
+    list_runs,
+    list_runs_async,
+    start_flow,
+    start_flow_async,
+)
 from .compiler import compile_flow
 from .config import resolve_database_url, to_libpq_url, to_sqlalchemy_url
 from .context import Context
@@ -17,7 +24,19 @@ from .exceptions import (
     InstallError,
     InvalidInputError,
     PgflowSaError,
+    RunNotFoundError,
+    RunTimeoutError,
     SchemaFilesMissingError,
+)
+from .models import (
+    Run,
+    RunEvent,
+    RunPage,
+    RunStatus,
+    StepState,
+    StepStatus,
+    StepTask,
+    TaskStatus,
 )
 from .registry import FlowRegistry, load_registry
 from .schema import (
@@ -30,6 +49,14 @@ from .schema import (
     tables,
 )
 from .shape import FlowShape, ShapeDiff, StepShape, diff_shapes
+from .waiting import (
+    RunWatcher,
+    start_flow_and_wait,
+    start_flow_and_wait_async,
+    wait_for_run,
+    wait_for_run_async,
+    watch_run,
+)
 
 __version__ = "0.1.0"
 
@@ -49,13 +76,22 @@ __all__ = [
     "InvalidInputError",
     "PgflowSaError",
     "Run",
+    "RunEvent",
+    "RunNotFoundError",
+    "RunPage",
     "RunStatus",
+    "RunTimeoutError",
+    "RunWatcher",
     "SchemaFilesMissingError",
     "SchemaState",
     "SchemaStatus",
     "ShapeDiff",
     "StepDefinition",
     "StepShape",
+    "StepState",
+    "StepStatus",
+    "StepTask",
+    "TaskStatus",
     "__version__",
     "check_schema",
     "compile_flow",
@@ -64,11 +100,18 @@ __all__ = [
     "get_run",
     "get_run_async",
     "install_schema",
+    "list_runs",
+    "list_runs_async",
     "load_registry",
     "resolve_database_url",
     "start_flow",
+    "start_flow_and_wait",
+    "start_flow_and_wait_async",
     "start_flow_async",
     "tables",
     "to_libpq_url",
     "to_sqlalchemy_url",
+    "wait_for_run",
+    "wait_for_run_async",
+    "watch_run",
 ]

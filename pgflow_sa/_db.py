@@ -31,14 +31,21 @@ def sync_engine(url: str | URL | Engine) -> Engine:
 
 
 @contextmanager
-def database_errors(url: str | URL, error: type[PgflowSaError]) -> Iterator[None]:
+def database_errors(url: str | URL | None, error: type[PgflowSaError]) -> Iterator[None]:
     """Turn driver errors into pgflow-sa errors: connection problems into
-    DatabaseUnavailableError, anything else the database refused into ``error``."""
+    DatabaseUnavailableError, anything else the database refused into ``error``.
+    This is the one place where driver errors are translated."""
     try:
         yield
-    except (OperationalError, InterfaceError) as exc:
-        raise DatabaseUnavailableError(
-            f"cannot use the database at {mask_password(url)}: {first_line(exc)}"
-        ) from exc
+    except (OperationalError, InterfaceError, OSError) as exc:
+        # asyncpg lets socket errors (e.g. connection refused) through as OSError
+        raise DatabaseUnavailableError(_unavailable(url, exc)) from exc
     except DBAPIError as exc:
+        if exc.connection_invalidated:  # SQLAlchemy recognised a lost connection
+            raise DatabaseUnavailableError(_unavailable(url, exc)) from exc
         raise error(first_line(exc)) from exc
+
+
+def _unavailable(url: str | URL | None, exc: BaseException) -> str:
+    where = f"the database at {mask_password(url)}" if url is not None else "the database"
+    return f"cannot use {where}: {first_line(exc)}"

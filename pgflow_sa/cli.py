@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sys
+import uuid
 from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
 from functools import wraps
 from typing import Any, TypeVar
 
 import click
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
 
 from . import __version__
+from ._db import database_errors, sync_engine
+from .client import get_run, get_run_async, list_runs, parse_run_id, start_flow_async
 from .compiler import compile_flow
-from .config import DATABASE_URL_ENV, default_data_dir, mask_password, resolve_database_url
+from .config import (
+    DATABASE_URL_ENV,
+    default_data_dir,
+    mask_password,
+    resolve_database_url,
+    to_sqlalchemy_url,
+)
 from .dsl import Flow
 from .embedded import EmbeddedServer
-from .exceptions import PgflowSaError
+from .exceptions import InvalidInputError, PgflowSaError, RunNotFoundError, RunTimeoutError
+from .models import RunStatus
 from .registry import FlowRegistry, load_registry
 from .schema.installer import check_schema, install_schema
+from .waiting import watch_run
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -179,6 +195,204 @@ def compile_command(app: str, flow_slugs: tuple[str, ...]) -> None:
             click.echo("")
         for statement in compile_flow(flow):
             click.echo(statement)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return lines
+
+
+def _when(value: datetime | None) -> str:
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> str:
+    if start is None or end is None:
+        return "-"
+    return f"{(end - start).total_seconds():.2f}s"
+
+
+def _short(text: str | None, width: int = 60) -> str:
+    if not text:
+        return "-"
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+#: exit codes of `start --wait`
+EXIT_RUN_FAILED = 3
+EXIT_WAIT_TIMEOUT = 4
+
+
+async def _start_and_follow(
+    url: str, flow: str, value: Any, run_id: uuid.UUID | None, wait: bool, timeout: float
+) -> int:
+    engine = create_async_engine(to_sqlalchemy_url(url, "asyncpg"), poolclass=NullPool)
+    try:
+        async with engine.begin() as conn:
+            run = await start_flow_async(conn, flow, value, run_id=run_id)
+        verb = "started" if run.created else "already existed"
+        click.echo(f"run {run.run_id} {verb} (flow {flow})", err=True)
+        if not wait:
+            click.echo(str(run.run_id))
+            return 0
+        async with engine.connect() as conn:
+            current = await get_run_async(conn, run.run_id)
+        assert current is not None and current.steps is not None
+        total = len(current.steps)
+        shown = -1
+        try:
+            async for event in watch_run(engine, run.run_id, timeout=timeout):
+                if event.step_slug is not None and event.status != "completed":
+                    continue
+                async with engine.connect() as conn:
+                    now = await get_run_async(conn, run.run_id, steps=False)
+                if now is not None and total - now.remaining_steps != shown:
+                    shown = total - now.remaining_steps
+                    click.echo(f"{shown}/{total} steps done", err=True)
+        except RunTimeoutError as exc:
+            _fail(str(exc), EXIT_WAIT_TIMEOUT)
+        async with engine.connect() as conn:
+            final = await get_run_async(conn, run.run_id)
+        assert final is not None
+        if final.status is RunStatus.FAILED:
+            _fail(f"run {final.run_id} failed: {final.error}", EXIT_RUN_FAILED)
+        click.echo(_json(final.output))
+        return 0
+    finally:
+        await engine.dispose()
+
+
+@cli.command()
+@click.argument("flow")
+@click.option(
+    "--input",
+    "input_text",
+    default="{}",
+    show_default=True,
+    metavar="JSON",
+    help="The flow input, as JSON.",
+)
+@click.option("--run-id", metavar="UUID", help="Run id to use (starting it twice starts one run).")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Wait for the run, show progress, print its output. Exit code 3 if the run "
+    "fails, 4 on timeout.",
+)
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait with --wait.")
+@database_url_option
+@clean_errors
+def start(
+    flow: str,
+    input_text: str,
+    run_id: str | None,
+    wait: bool,
+    timeout: float,
+    database_url: str | None,
+) -> None:
+    """Start a run of FLOW (a flow slug in the database) and print its id."""
+    try:
+        value = json.loads(input_text)
+    except ValueError as exc:
+        raise InvalidInputError(f"--input is not valid JSON: {exc}") from None
+    rid = parse_run_id(run_id) if run_id is not None else None
+    url = _database_url(database_url)
+    with database_errors(url, PgflowSaError):
+        sys.exit(asyncio.run(_start_and_follow(url, flow, value, rid, wait, timeout)))
+
+
+@cli.group()
+def runs() -> None:
+    """Inspect runs."""
+
+
+@runs.command("list")
+@click.option("--flow", help="Only runs of this flow.")
+@click.option(
+    "--status", type=click.Choice([s.value for s in RunStatus]), help="Only runs in this status."
+)
+@click.option("--limit", default=20, show_default=True, help="How many runs (newest first).")
+@database_url_option
+@clean_errors
+def runs_list(flow: str | None, status: str | None, limit: int, database_url: str | None) -> None:
+    """List runs, newest first."""
+    url = _database_url(database_url)
+    engine = sync_engine(url)
+    with database_errors(url, PgflowSaError), engine.connect() as conn:
+        page = list_runs(conn, flow=flow, status=status, limit=limit)
+    rows = [
+        [
+            str(r.run_id),
+            r.flow_slug,
+            r.status.value,
+            _when(r.started_at),
+            _seconds(r.started_at, r.completed_at or r.failed_at),
+            str(r.remaining_steps),
+            _short(r.error, 40),
+        ]
+        for r in page.runs
+    ]
+    for line in _table(
+        ["RUN", "FLOW", "STATUS", "STARTED (UTC)", "DURATION", "REMAINING", "ERROR"], rows
+    ):
+        click.echo(line)
+    if page.next_cursor:
+        click.echo(f"(more runs: raise --limit above {limit})")
+
+
+@runs.command("show")
+@click.argument("run_id")
+@database_url_option
+@clean_errors
+def runs_show(run_id: str, database_url: str | None) -> None:
+    """Show a run and a table of its steps."""
+    rid = parse_run_id(run_id)
+    url = _database_url(database_url)
+    engine = sync_engine(url)
+    with database_errors(url, PgflowSaError), engine.connect() as conn:
+        run = get_run(conn, rid)
+    if run is None:
+        raise RunNotFoundError(f"there is no run {rid}")
+    click.echo(f"run       {run.run_id}")
+    click.echo(f"flow      {run.flow_slug}")
+    click.echo(f"status    {run.status.value}")
+    click.echo(f"started   {_when(run.started_at)} UTC")
+    finished = run.completed_at or run.failed_at
+    click.echo(f"finished  {_when(finished)}{' UTC' if finished else ''}")
+    click.echo(f"duration  {_seconds(run.started_at, finished)}")
+    click.echo(f"input     {_short(_json(run.input), 200)}")
+    if run.status is RunStatus.COMPLETED:
+        click.echo(f"output    {_short(_json(run.output), 200)}")
+    if run.error:
+        click.echo(f"error     {run.error}")
+    click.echo("")
+    rows = []
+    for step in run.steps or ():
+        done = sum(1 for t in step.tasks if t.status.value == "completed")
+        tasks = f"{done}/{step.initial_tasks}" if step.initial_tasks is not None else "-"
+        rows.append(
+            [
+                step.step_slug,
+                step.step_type,
+                step.status.value,
+                tasks,
+                str(step.attempts),
+                _seconds(step.started_at, step.completed_at or step.failed_at),
+                _short(step.error_message),
+            ]
+        )
+    for line in _table(["STEP", "TYPE", "STATUS", "TASKS", "ATTEMPTS", "DURATION", "ERROR"], rows):
+        click.echo(line)
 
 
 def main() -> None:

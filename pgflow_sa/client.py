@@ -13,61 +13,112 @@ Nothing here commits or rolls back on the caller's behalf.
 
 from __future__ import annotations
 
-import enum
+import functools
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
-from pydantic import BaseModel, ConfigDict
-from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy import Row
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
-from ._db import first_line
+from ._db import database_errors, first_line
 from .dsl import Flow
 from .exceptions import FlowNotFoundError, InvalidInputError, PgflowSaError
+from .models import Run, RunPage, RunStatus, StepState, StepStatus, StepTask, TaskStatus
 from .schema import functions as fn
-from .schema import tables
+from .schema import queries
 from .schema.functions import AsyncExecutor, SyncExecutor
-from .schema.rows import RunRow
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-class RunStatus(str, enum.Enum):
-    STARTED = "started"
-    COMPLETED = "completed"
-    FAILED = "failed"
+def _translated(func: Callable[P, R]) -> Callable[P, R]:
+    """Driver errors become pgflow-sa errors (see ``_db.database_errors``)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with database_errors(None, PgflowSaError):
+            return func(*args, **kwargs)
+
+    return wrapper
 
 
-class Run(BaseModel):
-    """A flow run. ``created`` is False when a start with an existing ``run_id``
-    found the run already there (idempotent start)."""
+def _translated_async(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """:func:`_translated` for coroutines."""
 
-    model_config = ConfigDict(frozen=True)
+    @functools.wraps(func)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with database_errors(None, PgflowSaError):
+            return await func(*args, **kwargs)
 
-    run_id: uuid.UUID
-    flow_slug: str
-    status: RunStatus
-    input: Any
-    output: Any = None
-    remaining_steps: int
-    started_at: datetime
-    completed_at: datetime | None = None
-    failed_at: datetime | None = None
-    created: bool = True
+    return wrapper
 
-    @classmethod
-    def from_row(cls, row: Any, created: bool = True) -> Run:
-        return cls(
-            run_id=row.run_id,
-            flow_slug=row.flow_slug,
-            status=RunStatus(row.status),
-            input=row.input,
-            output=row.output,
-            remaining_steps=row.remaining_steps,
-            started_at=row.started_at,
-            completed_at=row.completed_at,
-            failed_at=row.failed_at,
-            created=created,
+
+def _run(row: Any, created: bool = True, steps: tuple[StepState, ...] | None = None) -> Run:
+    return Run(
+        run_id=row.run_id,
+        flow_slug=row.flow_slug,
+        status=RunStatus(row.status),
+        input=row.input,
+        output=row.output,
+        remaining_steps=row.remaining_steps,
+        started_at=row.started_at,
+        completed_at=row.completed_at,
+        failed_at=row.failed_at,
+        error=getattr(row, "error", None),
+        steps=steps,
+        created=created,
+    )
+
+
+def _steps(state_rows: Sequence[Row[Any]], task_rows: Sequence[Row[Any]]) -> tuple[StepState, ...]:
+    tasks: dict[str, list[StepTask]] = {}
+    for t in task_rows:
+        tasks.setdefault(t.step_slug, []).append(
+            StepTask(
+                task_index=t.task_index,
+                status=TaskStatus(t.status),
+                attempts_count=t.attempts_count,
+                output=t.output,
+                error_message=t.error_message,
+                message_id=t.message_id,
+                last_worker_id=t.last_worker_id,
+                queued_at=t.queued_at,
+                started_at=t.started_at,
+                completed_at=t.completed_at,
+                failed_at=t.failed_at,
+            )
         )
+    result = []
+    for s in state_rows:
+        own = tasks.get(s.step_slug, [])
+        status = StepStatus(s.status)
+        output = None
+        if status is StepStatus.COMPLETED:
+            outputs = [t.output for t in own]
+            output = outputs if s.step_type == "map" else (outputs[0] if outputs else None)
+        result.append(
+            StepState(
+                step_slug=s.step_slug,
+                step_type=s.step_type,
+                step_index=s.step_index,
+                status=status,
+                remaining_deps=s.remaining_deps,
+                remaining_tasks=s.remaining_tasks,
+                initial_tasks=s.initial_tasks,
+                error_message=s.error_message,
+                created_at=s.created_at,
+                started_at=s.started_at,
+                completed_at=s.completed_at,
+                failed_at=s.failed_at,
+                attempts=max((t.attempts_count for t in own), default=0),
+                output=output,
+                tasks=tuple(own),
+            )
+        )
+    return tuple(result)
 
 
 def _prepare(
@@ -80,12 +131,7 @@ def _prepare(
         slug, value = flow, Flow.check_json(flow, input)
     else:
         raise InvalidInputError(f"start_flow takes a Flow or a flow slug, not {flow!r}")
-    if run_id is not None and not isinstance(run_id, uuid.UUID):
-        try:
-            run_id = uuid.UUID(str(run_id))
-        except ValueError:
-            raise InvalidInputError(f"run_id must be a UUID, not {run_id!r}") from None
-    return slug, value, run_id
+    return slug, value, None if run_id is None else parse_run_id(run_id)
 
 
 def _not_found(slug: str) -> FlowNotFoundError:
@@ -96,18 +142,11 @@ def _not_found(slug: str) -> FlowNotFoundError:
     )
 
 
-def _run_query(run_id: uuid.UUID) -> Any:
-    return select(tables.runs).where(tables.runs.c.run_id == run_id)
-
-
-def _flow_exists(slug: str) -> Any:
-    return select(tables.flows.c.flow_slug).where(tables.flows.c.flow_slug == slug)
-
-
 def _translate(exc: DBAPIError, slug: str) -> PgflowSaError:
     return InvalidInputError(f"pgflow refused to start flow {slug!r}: {first_line(exc)}")
 
 
+@_translated
 def start_flow(
     conn: SyncExecutor, flow: Flow | str, input: Any, *, run_id: uuid.UUID | str | None = None
 ) -> Run:
@@ -119,60 +158,173 @@ def start_flow(
     idempotent: a second start returns the existing run with ``created=False``.
     """
     slug, value, rid = _prepare(flow, input, run_id)
-    if conn.execute(_flow_exists(slug)).first() is None:
+    if conn.execute(queries.flow_exists(slug)).first() is None:
         raise _not_found(slug)
     if rid is not None:
-        existing = conn.execute(_run_query(rid)).first()
+        existing = conn.execute(queries.run_by_id(rid)).first()
         if existing is not None:
-            return Run.from_row(existing, created=False)
+            return _run(existing, created=False)
     try:
         with conn.begin_nested():
-            row: RunRow = fn.start_flow(slug, value, rid).one(conn)
+            row = fn.start_flow(slug, value, rid).one(conn)
     except IntegrityError:
         if rid is None:
             raise
-        existing = conn.execute(_run_query(rid)).first()
+        existing = conn.execute(queries.run_by_id(rid)).first()
         if existing is None:
             raise
-        return Run.from_row(existing, created=False)
+        return _run(existing, created=False)
     except DBAPIError as exc:
+        if exc.connection_invalidated or isinstance(exc, (OperationalError, InterfaceError)):
+            raise  # a lost connection, not a refusal: translated by @_translated
         raise _translate(exc, slug) from exc
-    return Run.from_row(row)
+    return _run(row)
 
 
+@_translated_async
 async def start_flow_async(
     conn: AsyncExecutor, flow: Flow | str, input: Any, *, run_id: uuid.UUID | str | None = None
 ) -> Run:
     """:func:`start_flow` for an AsyncConnection or AsyncSession."""
     slug, value, rid = _prepare(flow, input, run_id)
-    if (await conn.execute(_flow_exists(slug))).first() is None:
+    if (await conn.execute(queries.flow_exists(slug))).first() is None:
         raise _not_found(slug)
     if rid is not None:
-        existing = (await conn.execute(_run_query(rid))).first()
+        existing = (await conn.execute(queries.run_by_id(rid))).first()
         if existing is not None:
-            return Run.from_row(existing, created=False)
+            return _run(existing, created=False)
     try:
         async with conn.begin_nested():
-            row: RunRow = await fn.start_flow(slug, value, rid).one_async(conn)
+            row = await fn.start_flow(slug, value, rid).one_async(conn)
     except IntegrityError:
         if rid is None:
             raise
-        existing = (await conn.execute(_run_query(rid))).first()
+        existing = (await conn.execute(queries.run_by_id(rid))).first()
         if existing is None:
             raise
-        return Run.from_row(existing, created=False)
+        return _run(existing, created=False)
     except DBAPIError as exc:
+        if exc.connection_invalidated or isinstance(exc, (OperationalError, InterfaceError)):
+            raise  # a lost connection, not a refusal: translated by @_translated
         raise _translate(exc, slug) from exc
-    return Run.from_row(row)
+    return _run(row)
 
 
-def get_run(conn: SyncExecutor, run_id: uuid.UUID | str) -> Run | None:
-    """The run, or None when there is no such run."""
-    row = conn.execute(_run_query(uuid.UUID(str(run_id)))).first()
-    return None if row is None else Run.from_row(row)
+def parse_run_id(run_id: uuid.UUID | str) -> uuid.UUID:
+    if isinstance(run_id, uuid.UUID):
+        return run_id
+    try:
+        return uuid.UUID(str(run_id))
+    except ValueError:
+        raise InvalidInputError(f"run_id must be a UUID, not {run_id!r}") from None
 
 
-async def get_run_async(conn: AsyncExecutor, run_id: uuid.UUID | str) -> Run | None:
+@_translated
+def get_run(conn: SyncExecutor, run_id: uuid.UUID | str, *, steps: bool = True) -> Run | None:
+    """The run with its step states and tasks (``steps=False``: the run alone), or None
+    when there is no such run."""
+    rid = parse_run_id(run_id)
+    row = conn.execute(queries.run_by_id(rid)).first()
+    if row is None:
+        return None
+    if not steps:
+        return _run(row)
+    states = conn.execute(queries.run_step_states(rid)).all()
+    tasks = conn.execute(queries.run_tasks(rid)).all()
+    return _run(row, steps=_steps(states, tasks))
+
+
+@_translated_async
+async def get_run_async(
+    conn: AsyncExecutor, run_id: uuid.UUID | str, *, steps: bool = True
+) -> Run | None:
     """:func:`get_run` for an AsyncConnection or AsyncSession."""
-    row = (await conn.execute(_run_query(uuid.UUID(str(run_id))))).first()
-    return None if row is None else Run.from_row(row)
+    rid = parse_run_id(run_id)
+    row = (await conn.execute(queries.run_by_id(rid))).first()
+    if row is None:
+        return None
+    if not steps:
+        return _run(row)
+    states = (await conn.execute(queries.run_step_states(rid))).all()
+    tasks = (await conn.execute(queries.run_tasks(rid))).all()
+    return _run(row, steps=_steps(states, tasks))
+
+
+MAX_PAGE_SIZE = 1000
+
+
+def _page_query(
+    flow: Flow | str | None,
+    status: RunStatus | str | None,
+    started_after: datetime | None,
+    started_before: datetime | None,
+    after: str | None,
+    limit: int,
+) -> Any:
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise InvalidInputError(f"limit must be between 1 and {MAX_PAGE_SIZE}, not {limit}")
+    cursor = None
+    if after is not None:
+        try:
+            stamp, _, rid = after.partition("|")
+            cursor = (datetime.fromisoformat(stamp), uuid.UUID(rid))
+        except ValueError:
+            raise InvalidInputError(
+                f"after must be a next_cursor from a previous page, not {after!r}"
+            ) from None
+    try:
+        status_value = RunStatus(status).value if status is not None else None
+    except ValueError:
+        raise InvalidInputError(
+            f"status must be one of {', '.join(s.value for s in RunStatus)}, not {status!r}"
+        ) from None
+    return queries.runs_page(
+        flow_slug=flow.slug if isinstance(flow, Flow) else flow,
+        status=status_value,
+        started_after=started_after,
+        started_before=started_before,
+        after=cursor,
+        limit=limit + 1,
+    )
+
+
+def _page(rows: Sequence[Row[Any]], limit: int) -> RunPage:
+    runs = tuple(_run(r) for r in rows[:limit])
+    next_cursor = None
+    if len(rows) > limit:
+        last = runs[-1]
+        next_cursor = f"{last.started_at.isoformat()}|{last.run_id}"
+    return RunPage(runs=runs, next_cursor=next_cursor)
+
+
+@_translated
+def list_runs(
+    conn: SyncExecutor,
+    *,
+    flow: Flow | str | None = None,
+    status: RunStatus | str | None = None,
+    started_after: datetime | None = None,
+    started_before: datetime | None = None,
+    after: str | None = None,
+    limit: int = 50,
+) -> RunPage:
+    """Runs, newest first, filtered by flow, status and start time; ``after`` is the
+    ``next_cursor`` of the previous page."""
+    query = _page_query(flow, status, started_after, started_before, after, limit)
+    return _page(conn.execute(query).all(), limit)
+
+
+@_translated_async
+async def list_runs_async(
+    conn: AsyncExecutor,
+    *,
+    flow: Flow | str | None = None,
+    status: RunStatus | str | None = None,
+    started_after: datetime | None = None,
+    started_before: datetime | None = None,
+    after: str | None = None,
+    limit: int = 50,
+) -> RunPage:
+    """:func:`list_runs` for an AsyncConnection or AsyncSession."""
+    query = _page_query(flow, status, started_after, started_before, after, limit)
+    return _page((await conn.execute(query)).all(), limit)

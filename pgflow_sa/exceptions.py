@@ -41,3 +41,15 @@ class InvalidInputError(PgflowSaError, ValueError):
 
 class FlowNotFoundError(PgflowSaError, LookupError):
     """The flow is not in this database."""
+
+
+class RunNotFoundError(PgflowSaError, LookupError):
+    """There is no such run."""
+
+
+class RunTimeoutError(PgflowSaError, TimeoutError):
+    """The run did not finish in time; ``run`` is its last known state."""
+
+    def __init__(self, message: str | None = None, *, run: object = None) -> None:
+        super().__init__(message)
+        self.run = run

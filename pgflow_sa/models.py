@@ -1,0 +1,134 @@
+"""Typed results of the client: runs, step states, tasks and run events (pydantic)."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class RunStatus(str, enum.Enum):
+    STARTED = "started"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self is not RunStatus.STARTED
+
+
+class StepStatus(str, enum.Enum):
+    CREATED = "created"
+    STARTED = "started"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class TaskStatus(str, enum.Enum):
+    QUEUED = "queued"
+    STARTED = "started"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class StepTask(_Frozen):
+    """One task of a step (a single step has one, a map step one per element)."""
+
+    task_index: int
+    status: TaskStatus
+    attempts_count: int
+    output: Any = None
+    error_message: str | None = None
+    message_id: int | None = None
+    last_worker_id: uuid.UUID | None = None
+    queued_at: datetime
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    failed_at: datetime | None = None
+
+
+class StepState(_Frozen):
+    """A step of a run. ``output`` is the step's output once completed (the list of
+    task outputs for a map step); ``attempts`` the most attempts any task took."""
+
+    step_slug: str
+    step_type: str
+    step_index: int
+    status: StepStatus
+    remaining_deps: int
+    remaining_tasks: int | None = None
+    initial_tasks: int | None = None
+    error_message: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    failed_at: datetime | None = None
+    attempts: int = 0
+    output: Any = None
+    tasks: tuple[StepTask, ...] = ()
+
+    @property
+    def duration_seconds(self) -> float | None:
+        end = self.completed_at or self.failed_at
+        if self.started_at is None or end is None:
+            return None
+        return (end - self.started_at).total_seconds()
+
+
+class Run(_Frozen):
+    """A flow run. ``error`` is the failed step's error message; ``steps`` is None
+    unless the steps were loaded. ``created`` is False when a start with an existing
+    ``run_id`` found the run already there (idempotent start)."""
+
+    run_id: uuid.UUID
+    flow_slug: str
+    status: RunStatus
+    input: Any
+    output: Any = None
+    remaining_steps: int
+    started_at: datetime
+    completed_at: datetime | None = None
+    failed_at: datetime | None = None
+    error: str | None = None
+    steps: tuple[StepState, ...] | None = None
+    created: bool = True
+
+    @property
+    def finished(self) -> bool:
+        return self.status.finished
+
+
+class RunPage(_Frozen):
+    """One page of :func:`pgflow_sa.list_runs`; pass ``next_cursor`` as ``after`` for
+    the next page (None on the last page)."""
+
+    runs: tuple[Run, ...]
+    next_cursor: str | None = None
+
+
+class RunEvent(_Frozen):
+    """A run or step event: ``run:started``, ``run:completed``, ``run:failed``,
+    ``step:<slug>:started|completed|failed``. ``payload`` is what pgflow sent (may be
+    trimmed, see ``trimmed``), or, when events come from polling, what the tables say."""
+
+    event: str
+    run_id: uuid.UUID
+    step_slug: str | None = None
+    status: str | None = None
+    payload: dict[str, Any] = {}
+    trimmed: bool = False
+
+    @property
+    def is_run_event(self) -> bool:
+        return self.step_slug is None
+
+    @property
+    def finishes_run(self) -> bool:
+        return self.event in ("run:completed", "run:failed")

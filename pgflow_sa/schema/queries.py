@@ -1,0 +1,115 @@
+"""Read queries of the client (runs, step states, tasks) and of event listeners."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, select, text, tuple_
+from sqlalchemy.sql import Select, TextClause
+
+from . import tables
+from .installer import REALTIME_SEND
+from .names import NOTIFY_CHANNEL
+
+runs, step_states, step_tasks, steps = (
+    tables.runs,
+    tables.step_states,
+    tables.step_tasks,
+    tables.steps,
+)
+
+_run_error = (
+    select(step_states.c.error_message)
+    .where(step_states.c.run_id == runs.c.run_id, step_states.c.status == "failed")
+    .order_by(step_states.c.failed_at)
+    .limit(1)
+    .scalar_subquery()
+    .label("error")
+)
+
+
+def flow_exists(flow_slug: str) -> Select[Any]:
+    return select(tables.flows.c.flow_slug).where(tables.flows.c.flow_slug == flow_slug)
+
+
+def run_by_id(run_id: uuid.UUID) -> Select[Any]:
+    """The run's columns plus ``error`` (its failed step's message)."""
+    return select(runs, _run_error).where(runs.c.run_id == run_id)
+
+
+def runs_page(
+    *,
+    flow_slug: str | None,
+    status: str | None,
+    started_after: datetime | None,
+    started_before: datetime | None,
+    after: tuple[datetime, uuid.UUID] | None,
+    limit: int,
+) -> Select[Any]:
+    """Runs, newest first, keyset-paginated on (started_at, run_id)."""
+    query = select(runs, _run_error)
+    if flow_slug is not None:
+        query = query.where(runs.c.flow_slug == flow_slug)
+    if status is not None:
+        query = query.where(runs.c.status == status)
+    if started_after is not None:
+        query = query.where(runs.c.started_at >= started_after)
+    if started_before is not None:
+        query = query.where(runs.c.started_at < started_before)
+    if after is not None:
+        query = query.where(tuple_(runs.c.started_at, runs.c.run_id) < tuple_(*after))
+    return query.order_by(runs.c.started_at.desc(), runs.c.run_id.desc()).limit(limit)
+
+
+def run_step_states(run_id: uuid.UUID) -> Select[Any]:
+    """The run's step states with each step's type and index, in step order."""
+    return (
+        select(step_states, steps.c.step_type, steps.c.step_index)
+        .join(
+            steps,
+            and_(
+                steps.c.flow_slug == step_states.c.flow_slug,
+                steps.c.step_slug == step_states.c.step_slug,
+            ),
+        )
+        .where(step_states.c.run_id == run_id)
+        .order_by(steps.c.step_index)
+    )
+
+
+def run_tasks(run_id: uuid.UUID) -> Select[Any]:
+    return (
+        select(step_tasks)
+        .where(step_tasks.c.run_id == run_id)
+        .order_by(step_tasks.c.step_slug, step_tasks.c.task_index)
+    )
+
+
+def finished_runs(run_ids: Sequence[uuid.UUID]) -> Select[Any]:
+    """Which of these runs have finished: (run_id, status) — one query for all of them."""
+    return select(runs.c.run_id, runs.c.status).where(
+        runs.c.run_id.in_(run_ids), runs.c.status != "started"
+    )
+
+
+def step_statuses(run_ids: Sequence[uuid.UUID]) -> Select[Any]:
+    """(run_id, step_slug, status) of every step of these runs — one query for all."""
+    return select(step_states.c.run_id, step_states.c.step_slug, step_states.c.status).where(
+        step_states.c.run_id.in_(run_ids)
+    )
+
+
+def notifications_enabled() -> TextClause:
+    """True when pgflow-sa's pg_notify publisher is installed and not turned off for
+    this session's database and role."""
+    return text(
+        "SELECT coalesce(obj_description(to_regprocedure(:send_signature), 'pg_proc') LIKE 'pgflow-sa:%', false)"
+        " AND coalesce(current_setting('pgflow_sa.notify', true), '') <> 'off'"
+    ).bindparams(send_signature=REALTIME_SEND)
+
+
+#: The LISTEN/NOTIFY channel the publisher uses.
+CHANNEL = NOTIFY_CHANNEL
