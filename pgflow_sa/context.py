@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.orm import Session
 
 
 @dataclass
@@ -26,3 +31,41 @@ class Context:
     attempt: int = 1
     worker_id: uuid.UUID | None = None
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("pgflow_sa.handler"))
+    session_factory: Callable[[], Session] | None = field(default=None, repr=False)
+    async_session_factory: Callable[[], AsyncSession] | None = field(default=None, repr=False)
+    _session: Session | None = field(default=None, init=False, repr=False)
+    _async_session: AsyncSession | None = field(default=None, init=False, repr=False)
+
+    @property
+    def session(self) -> Session:
+        """A sync ``Session`` whose transaction also completes this task: the handler's
+        writes and the task's completion commit together, or roll back together when
+        the handler raises. For sync handlers; don't commit it yourself."""
+        if self._session is None:
+            if self.session_factory is None:
+                raise RuntimeError(
+                    "ctx.session is for sync handlers of a worker with database access; "
+                    "async handlers use ctx.async_session"
+                )
+            self._session = self.session_factory()
+        return self._session
+
+    @property
+    def async_session(self) -> AsyncSession:
+        """The ``AsyncSession`` counterpart of :attr:`session`, for async handlers."""
+        if self._async_session is None:
+            if self.async_session_factory is None:
+                raise RuntimeError(
+                    "ctx.async_session is for async handlers of a worker with database "
+                    "access; sync handlers use ctx.session"
+                )
+            self._async_session = self.async_session_factory()
+        return self._async_session
+
+    @property
+    def used_session(self) -> Session | None:
+        return self._session
+
+    @property
+    def used_async_session(self) -> AsyncSession | None:
+        return self._async_session

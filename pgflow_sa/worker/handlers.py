@@ -1,0 +1,65 @@
+"""What a handler receives and returns: input shaping, typed input, JSON output."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from typing import Any
+
+from pydantic import TypeAdapter
+from pydantic_core import to_jsonable_python
+
+from ..dsl import StepDefinition
+from ..schema.rows import StepTaskRecord
+
+
+class OutputError(TypeError):
+    """A handler returned something that cannot be stored as JSON."""
+
+
+def handler_input(step: StepDefinition, task: StepTaskRecord) -> Any:
+    """The handler's input from pgflow 0.8.1's task input: the flow input for a root
+    step, ``{dependency: output}`` for a dependent step, the element for a map step."""
+    if step.is_map:
+        return task.input
+    if step.is_root:
+        return task.input.get("run") if isinstance(task.input, dict) else task.input
+    return {k: v for k, v in task.input.items() if k != "run"}
+
+
+def flow_input_of(step: StepDefinition, task: StepTaskRecord) -> tuple[bool, Any]:
+    """(known, flow input) from the task input; map tasks do not carry it."""
+    if not step.is_map and isinstance(task.input, dict) and "run" in task.input:
+        return True, task.input["run"]
+    return False, None
+
+
+@cache
+def _adapter(annotation: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(annotation)
+
+
+def typed_input(step: StepDefinition, value: Any) -> Any:
+    """The input converted to the handler's declared first-parameter type, if any."""
+    if step.input_type is None or isinstance(step.input_type, str):
+        return value
+    return _adapter(step.input_type).validate_python(value)
+
+
+def json_output(step_slug: str, value: Any) -> Any:
+    """The output as JSON-ready data (pydantic models and dataclasses become dicts);
+    OutputError when it cannot be stored."""
+    try:
+        data = to_jsonable_python(value)
+        json.dumps(data, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise OutputError(
+            f"step {step_slug!r} returned a value that is not JSON-serialisable: {exc}"
+        ) from None
+    return data
+
+
+def error_message(exc: BaseException) -> str:
+    """How a failure is stored in pgflow: ``ExceptionType: message``."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
