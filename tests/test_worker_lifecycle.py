@@ -1,0 +1,329 @@
+"""Worker transactions, startup checks, shutdown, deprecation, recovery, two workers."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from pgflow_sa import (
+    Context,
+    Flow,
+    RunStatus,
+    start_flow_async,
+    to_sqlalchemy_url,
+    wait_for_run_async,
+)
+from pgflow_sa._db import sync_engine
+from pgflow_sa.schema import functions as fn
+from pgflow_sa.worker import Worker, WorkerSettings, WorkerStartupError
+
+from .worker_harness import FAST, deploy, run_and_wait, running_worker
+
+
+@pytest.fixture
+async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_async_engine(to_sqlalchemy_url(db_url, "asyncpg"))
+    yield engine
+    await engine.dispose()
+
+
+def _notes(url: str) -> list[str]:
+    with psycopg.connect(url) as conn:
+        return [r[0] for r in conn.execute("SELECT body FROM notes ORDER BY id")]
+
+
+def _make_notes(url: str) -> None:
+    with psycopg.connect(url) as conn:
+        conn.execute("CREATE TABLE notes (id serial PRIMARY KEY, body text NOT NULL)")
+
+
+# --- transactions ------------------------------------------------------------------------
+
+notes_table = sa.table("notes", sa.column("body", sa.Text))
+tx_sync = Flow("w_tx_sync", base_delay=1, max_attempts=2)
+tx_async = Flow("w_tx_async", base_delay=1, max_attempts=2)
+
+
+@tx_sync.step
+def write_sync(input: Any, ctx: Context) -> str:
+    ctx.session.execute(sa.insert(notes_table).values(body=f"sync attempt {ctx.attempt}"))
+    if ctx.attempt == 1:
+        raise RuntimeError("after writing")
+    return "written"
+
+
+@tx_async.step
+async def write_async(input: Any, ctx: Context) -> str:
+    await ctx.async_session.execute(
+        sa.insert(notes_table).values(body=f"async attempt {ctx.attempt}")
+    )
+    if ctx.attempt == 1:
+        raise RuntimeError("after writing")
+    return "written"
+
+
+@pytest.mark.parametrize("given", ["async engine", "sync engine"])
+async def test_handler_writes_commit_with_the_completion(
+    db_url: str, engine: AsyncEngine, given: str
+) -> None:
+    _make_notes(db_url)
+    deploy(db_url, tx_sync, tx_async)
+    app_engine: Any = engine if given == "async engine" else sync_engine(db_url)
+    async with running_worker([tx_sync, tx_async], engine=app_engine):
+        sync_run, async_run = await asyncio.gather(
+            run_and_wait(engine, tx_sync, {}), run_and_wait(engine, tx_async, {})
+        )
+    # attempt 1 wrote and raised: its row rolled back and the task was retried;
+    # attempt 2 wrote and succeeded: its row committed with the completion
+    assert sorted(_notes(db_url)) == ["async attempt 2", "sync attempt 2"]
+    for run in (sync_run, async_run):
+        assert run.status is RunStatus.COMPLETED
+        assert run.steps[0].attempts == 2
+        assert run.steps[0].tasks[0].error_message == "RuntimeError: after writing"
+
+
+atomic = Flow("w_atomic", max_attempts=1)
+
+
+@atomic.step
+async def write_then_break_completion(input: Any, ctx: Context) -> Any:
+    await ctx.async_session.execute(sa.insert(notes_table).values(body="must vanish"))
+    await ctx.async_session.execute(sa.text("SELECT 1/0"))  # breaks the transaction
+    return "unreachable"
+
+
+async def test_a_broken_transaction_keeps_nothing(db_url: str, engine: AsyncEngine) -> None:
+    _make_notes(db_url)
+    deploy(db_url, atomic)
+    async with running_worker(atomic, engine=engine):
+        run = await run_and_wait(engine, atomic, {})
+    assert run.status is RunStatus.FAILED
+    assert run.error is not None and "division by zero" in run.error
+    assert _notes(db_url) == []
+
+
+# --- startup checks -------------------------------------------------------------------------
+
+checked = Flow("w_checked", timeout=30)
+checked.step(slug="one")(lambda i, c: i)
+checked.step(slug="two", depends_on=["one"])(lambda i, c: i)
+
+
+async def test_missing_flow_refuses_to_start(db_url: str) -> None:
+    worker = Worker(checked, db_url, settings=FAST)
+    with pytest.raises(WorkerStartupError) as info:
+        await worker.run()
+    assert str(info.value).startswith("flow(s) 'w_checked' are not in the database at ")
+    assert "create them with `pgflow-sa flows deploy APP --database-url URL`" in str(info.value)
+
+
+async def test_different_flow_refuses_to_start_and_shows_the_diff(db_url: str) -> None:
+    other = Flow("w_checked", timeout=10)
+    other.step(slug="one")(lambda i, c: i)
+    deploy(db_url, other)
+    worker = Worker(checked, db_url, settings=FAST)
+    with pytest.raises(WorkerStartupError) as info:
+        await worker.run()
+    assert str(info.value).startswith("the flows in the database differ from the code")
+    assert info.value.details == [
+        "w_checked: structure: step 'two' is in code but not in the database",
+        "w_checked: options: flow option timeout: database has 10, code has 30",
+    ]
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM pgflow.workers").fetchone() == (0,)
+
+
+# --- shutdown, deprecation, recovery ----------------------------------------------------------
+
+gate = threading.Event()
+slowish = Flow("w_slowish")
+
+
+@slowish.step
+async def takes_a_while(input: Any, ctx: Context) -> str:
+    while not gate.is_set():
+        await asyncio.sleep(0.01)
+    return "finished"
+
+
+async def _wait_started(url: str, run_id: uuid.UUID) -> None:
+    for _ in range(500):
+        with psycopg.connect(url) as conn:
+            row = conn.execute(
+                "SELECT status FROM pgflow.step_tasks WHERE run_id = %s", [run_id]
+            ).fetchone()
+        if row == ("started",):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the task never started")
+
+
+async def test_stop_lets_in_flight_tasks_finish(db_url: str, engine: AsyncEngine) -> None:
+    deploy(db_url, slowish)
+    gate.clear()
+    async with engine.begin() as conn:
+        run = await start_flow_async(conn, slowish, {})
+    worker = Worker(slowish, db_url, settings=FAST)
+    serving = asyncio.create_task(worker.run())
+    await _wait_started(db_url, run.run_id)
+    worker.stop()
+    await asyncio.sleep(0.2)
+    assert not serving.done()  # draining
+    gate.set()
+    await asyncio.wait_for(serving, 10)
+    final = await wait_for_run_async(engine, run.run_id, timeout=5)
+    assert final.status is RunStatus.COMPLETED
+
+
+async def test_unfinished_tasks_are_handed_back_on_shutdown(
+    db_url: str, engine: AsyncEngine
+) -> None:
+    deploy(db_url, slowish)
+    gate.clear()
+    async with engine.begin() as conn:
+        run = await start_flow_async(conn, slowish, {})
+    impatient = WorkerSettings(**{**FAST.__dict__, "shutdown_timeout": 0.2})
+    worker = Worker(slowish, db_url, settings=impatient)
+    serving = asyncio.create_task(worker.run())
+    await _wait_started(db_url, run.run_id)
+    worker.stop()
+    await asyncio.wait_for(serving, 10)
+    with psycopg.connect(db_url) as conn:
+        status, attempts = conn.execute(
+            "SELECT status, attempts_count FROM pgflow.step_tasks WHERE run_id = %s", [run.run_id]
+        ).fetchone()
+        visible = conn.execute("SELECT count(*) FROM pgmq.q_w_slowish WHERE vt <= now()").fetchone()
+    assert (status, attempts) == ("queued", 0)  # not counted as an attempt
+    assert visible == (1,)
+    gate.set()
+    async with running_worker(slowish, db_url):
+        final = await wait_for_run_async(engine, run.run_id, timeout=10)
+    assert final.status is RunStatus.COMPLETED
+    assert final.steps[0].attempts == 1
+
+
+async def test_deprecated_worker_drains_and_exits(db_url: str) -> None:
+    deploy(db_url, slowish)
+    worker = Worker(slowish, db_url, settings=FAST)
+    serving = asyncio.create_task(worker.run())
+    for _ in range(300):
+        if worker.ready is not None and worker.ready.is_set():
+            break
+        await asyncio.sleep(0.01)
+    with psycopg.connect(db_url) as conn:
+        conn.execute("UPDATE pgflow.workers SET deprecated_at = now()")
+    await asyncio.wait_for(serving, 10)  # exits by itself
+
+
+async def test_stalled_tasks_of_a_dead_worker_are_recovered(
+    db_url: str, engine: AsyncEngine
+) -> None:
+    deploy(db_url, slowish)
+    gate.set()
+    async with engine.begin() as conn:
+        run = await start_flow_async(conn, slowish, {})
+        dead = uuid.uuid4()
+        await conn.execute(
+            sa.text(
+                "INSERT INTO pgflow.workers (worker_id, queue_name, function_name) "
+                "VALUES (:id, 'w_slowish', 'dead')"
+            ),
+            {"id": dead},
+        )
+        [message] = await fn.pgmq_read("w_slowish", 600, 1).all_async(conn)
+        await fn.start_tasks("w_slowish", [message.msg_id], dead).all_async(conn)
+        # the dead worker started it long ago (timeout 60 s + margin 30 s)
+        await conn.execute(
+            sa.text(
+                "UPDATE pgflow.step_tasks SET started_at = started_at - interval '2 minutes', "
+                "queued_at = queued_at - interval '2 minutes' WHERE run_id = :r"
+            ),
+            {"r": run.run_id},
+        )
+    async with running_worker(slowish, db_url):
+        final = await wait_for_run_async(engine, run.run_id, timeout=20)
+    assert final.status is RunStatus.COMPLETED
+    task = final.steps[0].tasks[0]
+    assert task.attempts_count == 2
+    assert task.error_message is not None and task.error_message.startswith("Stalled:")
+
+
+async def test_two_recoverers_never_recover_one_task_twice(
+    db_url: str, engine: AsyncEngine
+) -> None:
+    deploy(db_url, slowish)
+    async with engine.begin() as conn:
+        dead = uuid.uuid4()
+        await conn.execute(
+            sa.text(
+                "INSERT INTO pgflow.workers (worker_id, queue_name, function_name) "
+                "VALUES (:id, 'w_slowish', 'dead')"
+            ),
+            {"id": dead},
+        )
+        for _ in range(20):
+            await start_flow_async(conn, slowish, {})
+        messages = await fn.pgmq_read("w_slowish", 600, 20).all_async(conn)
+        await fn.start_tasks("w_slowish", [m.msg_id for m in messages], dead).all_async(conn)
+        await conn.execute(
+            sa.text(
+                "UPDATE pgflow.step_tasks SET started_at = started_at - interval '2 minutes', "
+                "queued_at = queued_at - interval '2 minutes'"
+            )
+        )
+    one, two = Worker(slowish, db_url, settings=FAST), Worker(slowish, db_url, settings=FAST)
+    counts = await asyncio.gather(one.recover_stalled(), two.recover_stalled())
+    assert sum(counts) == 20
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute("SELECT status, attempts_count FROM pgflow.step_tasks").fetchall()
+    assert collections.Counter(rows) == {("queued", 1): 20}
+    for worker in (one, two):
+        await worker.engine.dispose()
+
+
+counted: collections.Counter[tuple[str, str]] = collections.Counter()
+shared = Flow("w_shared")
+
+
+@shared.step
+async def first(input: Any, ctx: Context) -> list[int]:
+    counted[(str(ctx.run_id), "first")] += 1
+    await asyncio.sleep(0.005)
+    return [1, 2, 3]
+
+
+@shared.map(depends_on=first)
+def fan(item: Any, ctx: Context) -> int:
+    counted[(str(ctx.run_id), f"fan{ctx.task_index}")] += 1
+    return ctx.task_index
+
+
+async def test_two_workers_complete_every_task_exactly_once(
+    db_url: str, engine: AsyncEngine
+) -> None:
+    deploy(db_url, shared)
+    counted.clear()
+    async with running_worker(shared, db_url), running_worker(shared, db_url):
+        async with engine.begin() as conn:
+            runs = [await start_flow_async(conn, shared, {"i": i}) for i in range(60)]
+        finals = await asyncio.gather(
+            *[wait_for_run_async(engine, r.run_id, timeout=60) for r in runs]
+        )
+    assert all(f.status is RunStatus.COMPLETED for f in finals)
+    assert set(counted.values()) == {1}
+    with psycopg.connect(db_url) as conn:
+        per_worker = conn.execute(
+            "SELECT max(attempts_count), count(*) FROM pgflow.step_tasks"
+        ).fetchone()
+    assert per_worker is not None
+    assert tuple(per_worker) == (1, 60 * 4)
+    assert len(counted) == 60 * 4
