@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import signal
 import sys
 import uuid
 from collections.abc import Callable, Mapping
@@ -31,6 +33,7 @@ from .embedded import EmbeddedServer
 from .exceptions import InvalidInputError, PgflowSaError, RunNotFoundError, RunTimeoutError
 from .models import RunStatus
 from .registry import FlowRegistry, load_registry
+from .schema.deploy import deploy_flows
 from .schema.installer import check_schema, install_schema
 from .waiting import watch_run
 
@@ -393,6 +396,130 @@ def runs_show(run_id: str, database_url: str | None) -> None:
         )
     for line in _table(["STEP", "TYPE", "STATUS", "TASKS", "ATTEMPTS", "DURATION", "ERROR"], rows):
         click.echo(line)
+
+
+class _JsonLogFormatter(logging.Formatter):
+    """One JSON object per log line (``--log-format json``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def _configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        _JsonLogFormatter()
+        if fmt == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger("pgflow_sa")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+@flows.command("deploy")
+@click.argument("app")
+@click.argument("flow_slugs", nargs=-1, metavar="[FLOW]...")
+@database_url_option
+@clean_errors
+def flows_deploy(app: str, flow_slugs: tuple[str, ...], database_url: str | None) -> None:
+    """Create the flows of APP that are missing from the database (one transaction).
+
+    Flows already there and identical are left alone; a flow that differs is an
+    error (pgflow flows cannot change shape in place).
+    """
+    chosen = _selected(load_registry(app), flow_slugs)
+    url = _database_url(database_url)
+    engine = sync_engine(url)
+    with database_errors(url, PgflowSaError), engine.begin() as conn:
+        report = deploy_flows(conn, chosen)
+    for slug in report.created:
+        click.echo(f"created {slug}")
+    for slug in report.unchanged:
+        click.echo(f"unchanged {slug}")
+
+
+@cli.command()
+@click.argument("app")
+@click.option(
+    "--flow",
+    "flow_slugs",
+    multiple=True,
+    metavar="SLUG",
+    help="Serve only this flow (repeatable). Default: every flow of APP.",
+)
+@click.option("--concurrency", type=int, help="Tasks run at once (max_concurrency).")
+@click.option("--batch-size", type=int, help="Most messages claimed per read.")
+@click.option("--shutdown-timeout", type=float, help="Seconds to finish in-flight tasks on stop.")
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+@click.option(
+    "--log-format", default="text", show_default=True, type=click.Choice(["text", "json"])
+)
+@database_url_option
+@clean_errors
+def worker(
+    app: str,
+    flow_slugs: tuple[str, ...],
+    concurrency: int | None,
+    batch_size: int | None,
+    shutdown_timeout: float | None,
+    log_level: str,
+    log_format: str,
+    database_url: str | None,
+) -> None:
+    """Run the flows of APP (package.module:attribute) until SIGTERM or SIGINT.
+
+    Settings not given as options come from PGFLOW_SA_WORKER_* variables, then the
+    defaults. On a stop signal it stops claiming, lets in-flight tasks finish
+    within the shutdown timeout, hands the rest back and exits 0.
+    """
+    from .worker import Worker, WorkerSettings, WorkerStartupError
+
+    _configure_logging(log_level, log_format)
+    chosen = _selected(load_registry(app), flow_slugs)
+    settings = WorkerSettings.from_env(
+        max_concurrency=concurrency, batch_size=batch_size, shutdown_timeout=shutdown_timeout
+    )
+    url = _database_url(database_url)
+    runner = Worker(chosen, url, settings=settings, name=f"pgflow-sa:{app}")
+    click.echo(f"pgflow-sa {__version__} worker for {app}", err=True)
+    click.echo(f"  database: {mask_password(url)}", err=True)
+    for flow in chosen:
+        click.echo(
+            f"  flow {flow.slug}: queue {flow.slug}, {len(flow.steps)} step(s), "
+            f"worker id {runner.worker_ids[flow.slug]}",
+            err=True,
+        )
+    click.echo(f"  settings: {settings.describe()}", err=True)
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, runner.stop)
+        await runner.run()
+
+    try:
+        asyncio.run(serve())
+    except WorkerStartupError as exc:
+        click.echo(f"error: {' '.join(str(exc).split())}", err=True)
+        for line in exc.details:
+            click.echo(f"  {line}", err=True)
+        sys.exit(1)
+    click.echo("worker stopped", err=True)
 
 
 def main() -> None:

@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import inspect
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -187,11 +188,15 @@ class Worker:
                 settings=self.settings.describe(),
             )
             background = [
-                asyncio.create_task(self._poll(flow), name=f"poll {flow.slug}")
+                asyncio.create_task(
+                    self._supervise(functools.partial(self._poll, flow), f"poll {flow.slug}")
+                )
                 for flow in self.registry
             ]
-            background.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
-            background.append(asyncio.create_task(self._recovery_loop(), name="recovery"))
+            background.append(
+                asyncio.create_task(self._supervise(self._heartbeat_loop, "heartbeat"))
+            )
+            background.append(asyncio.create_task(self._supervise(self._recovery_loop, "recovery")))
             self.ready.set()
             await self._stopping.wait()
             if self._deprecated >= set(self.worker_ids):
@@ -214,6 +219,20 @@ class Worker:
                 worker_id=str(self._any_worker_id),
                 reason=reason,
             )
+
+    async def _supervise(self, loop: Callable[[], Awaitable[None]], name: str) -> None:
+        """Keep a background loop alive: an unexpected error is logged and the loop
+        restarted, so one bad moment never leaves the worker silently idle."""
+        assert self._stopping is not None
+        while not self._stopping.is_set():
+            try:
+                await loop()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("the worker's %s loop failed; restarting it", name)
+                await asyncio.sleep(1)
 
     @property
     def _any_worker_id(self) -> uuid.UUID:
