@@ -263,3 +263,34 @@ async def test_step_timeouts(db_url: str, engine: AsyncEngine) -> None:
     assert sync_run.status is RunStatus.FAILED
     assert sync_run.error == "TimeoutError: step 'sleeps_sync' did not finish within 3 s"
     assert abandoned == 1  # the sync handler's thread could not be stopped
+
+
+steady = Flow("w_steady")
+steady.step(slug="s1")(lambda i, c: 1)
+steady.step(slug="s2", depends_on=["s1"])(lambda i, c: 2)
+steady.map(slug="s3")(lambda i, c: i)
+
+
+async def test_runs_started_while_the_worker_claims_never_stall(
+    db_url: str, engine: AsyncEngine
+) -> None:
+    """Tasks created by transactions that commit while a claim statement runs are
+    still handed to handlers (the claim's snapshot must not hide them)."""
+    from pgflow_sa import start_flow_async, wait_for_run_async
+    from pgflow_sa.worker import WorkerSettings
+
+    from .worker_harness import FAST
+
+    deploy(db_url, steady)
+    no_recovery = WorkerSettings(
+        **{**FAST.__dict__, "stall_margin": 3600, "recovery_interval": 3600}
+    )
+    async with running_worker(steady, db_url, settings=no_recovery):
+        run_ids = []
+        for i in range(150):
+            async with engine.begin() as conn:
+                run_ids.append((await start_flow_async(conn, steady, [i, i + 1])).run_id)
+            await asyncio.sleep(0.002)
+        finals = await asyncio.gather(*[wait_for_run_async(engine, r, timeout=30) for r in run_ids])
+    assert all(f.status is RunStatus.COMPLETED for f in finals)
+    assert finals[5].output == {"s2": 2, "s3": [5, 6]}

@@ -7,7 +7,22 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import and_, func, insert, select, tuple_, update
+from sqlalchemy import (
+    BigInteger,
+    Integer,
+    Text,
+    and_,
+    bindparam,
+    column,
+    func,
+    insert,
+    select,
+    text,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.sql import Insert, Select, Update
 
 from . import tables
@@ -92,14 +107,8 @@ def stalled_tasks(flow_slugs: Sequence[str], margin_seconds: int, limit: int) ->
     )
 
 
-def claimed_details(msg_ids: Sequence[int]) -> Select[Any]:
-    """(message_id, attempts_count, run input) of just-claimed tasks: the attempt number
-    and the flow input (map tasks don't carry it) for the handler's context."""
-    return (
-        select(step_tasks.c.message_id, step_tasks.c.attempts_count, runs.c.input)
-        .join(runs, runs.c.run_id == step_tasks.c.run_id)
-        .where(step_tasks.c.message_id.in_(msg_ids), step_tasks.c.status == "started")
-    )
+def run_inputs(run_ids: Sequence[uuid.UUID]) -> Select[Any]:
+    return select(runs.c.run_id, runs.c.input).where(runs.c.run_id.in_(run_ids))
 
 
 def step_timeouts(flow_slug: str) -> Select[Any]:
@@ -117,3 +126,91 @@ def step_timeouts(flow_slug: str) -> Select[Any]:
 def pgmq_insert_channel(queue_name: str) -> str:
     """The channel pgmq notifies when notify-on-insert is enabled for a queue."""
     return f"pgmq.q_{queue_name}.INSERT"
+
+
+_CLAIM_SQL = """
+WITH msgs AS MATERIALIZED (
+    SELECT msg_id FROM pgmq.read(:queue, :vt, :qty)
+), claimed AS MATERIALIZED (
+    SELECT t.* FROM pgflow.start_tasks(:queue, ARRAY(SELECT msg_id FROM msgs), :worker_id) AS t
+), extended AS MATERIALIZED (
+    SELECT count(*) AS n FROM pgflow.set_vt_batch(
+        :queue,
+        ARRAY(SELECT c.msg_id FROM claimed c ORDER BY c.msg_id),
+        ARRAY(
+            SELECT coalesce(s.opt_timeout, f.opt_timeout) + 2
+            FROM claimed c
+            JOIN pgflow.steps s ON s.flow_slug = c.flow_slug AND s.step_slug = c.step_slug
+            JOIN pgflow.flows f ON f.flow_slug = c.flow_slug
+            ORDER BY c.msg_id
+        )
+    )
+)
+SELECT m.read_count, (SELECT n FROM extended) AS extended,
+       x.run_id, x.step_slug, x.input, x.msg_id, x.task_index, x.attempt, x.run_input,
+       x.run_visible
+FROM (SELECT count(*) AS read_count FROM msgs) AS m
+LEFT JOIN (
+    -- The joins below read with the statement's snapshot, taken before pgmq.read and
+    -- start_tasks ran: they never drop a claimed task (LEFT JOIN), and see the
+    -- attempts_count before start_tasks' increment. A task row they cannot see was
+    -- created after the snapshot, so this is its first attempt; a run they cannot
+    -- see (run_visible false) has its input fetched separately when needed.
+    SELECT c.run_id, c.step_slug, c.input, c.msg_id, c.task_index,
+           coalesce(st.attempts_count, 0) + 1 AS attempt,
+           CASE WHEN s.step_type = 'map' THEN r.input END AS run_input,
+           r.run_id IS NOT NULL AS run_visible
+    FROM claimed c
+    LEFT JOIN pgflow.step_tasks st
+      ON st.run_id = c.run_id AND st.step_slug = c.step_slug AND st.task_index = c.task_index
+    LEFT JOIN pgflow.steps s ON s.flow_slug = c.flow_slug AND s.step_slug = c.step_slug
+    LEFT JOIN pgflow.runs r ON r.run_id = c.run_id
+) AS x ON true
+"""
+
+
+def claim(queue: str, visibility_timeout: int, qty: int, worker_id: uuid.UUID) -> Any:
+    """Read up to ``qty`` messages, start their tasks and extend their visibility to the
+    step timeout + 2 s, in one statement (one round trip, atomic without a transaction
+    block). Rows: read_count, extended, and per claimed task run_id, step_slug, input,
+    msg_id, task_index, attempt and (map steps) run_input; one row of nulls when
+    nothing was claimed."""
+    return (
+        text(_CLAIM_SQL)
+        .bindparams(
+            bindparam("queue", queue, type_=Text()),
+            bindparam("vt", visibility_timeout, type_=Integer()),
+            bindparam("qty", qty, type_=Integer()),
+            bindparam("worker_id", worker_id, type_=PG_UUID(as_uuid=True)),
+        )
+        .columns(
+            column("read_count", BigInteger()),
+            column("extended", BigInteger()),
+            column("run_id", PG_UUID(as_uuid=True)),
+            column("step_slug", Text()),
+            column("input", JSONB()),
+            column("msg_id", BigInteger()),
+            column("task_index", Integer()),
+            column("attempt", Integer()),
+            column("run_input", JSONB()),
+        )
+    )
+
+
+_COMPLETE_MANY_SQL = """
+SELECT count(*) AS completed
+FROM unnest(:run_ids, :step_slugs, :task_indexes) WITH ORDINALITY
+     AS t(run_id, step_slug, task_index, n),
+LATERAL pgflow.complete_task(t.run_id, t.step_slug, t.task_index, (:outputs) -> (t.n::int - 1))
+"""
+
+
+def complete_many(keys: Sequence[tuple[uuid.UUID, str, int]], outputs: Sequence[Any]) -> Any:
+    """``pgflow.complete_task`` for several tasks in one statement. Outputs travel as one
+    JSON array, so falsy values (0, false, "", null) stay themselves."""
+    return text(_COMPLETE_MANY_SQL).bindparams(
+        bindparam("run_ids", [k[0] for k in keys], type_=ARRAY(PG_UUID(as_uuid=True))),
+        bindparam("step_slugs", [k[1] for k in keys], type_=ARRAY(Text())),
+        bindparam("task_indexes", [k[2] for k in keys], type_=ARRAY(Integer())),
+        bindparam("outputs", list(outputs), type_=JSONB(none_as_null=False)),
+    )

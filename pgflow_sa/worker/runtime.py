@@ -79,6 +79,7 @@ class _Running:
     lock: threading.Lock = field(default_factory=threading.Lock)
     attempt: int = 1
     flow_input: Any = None
+    handling: bool = True  # the handler has not returned yet (it holds a slot)
     abandoned: bool = False  # a timed-out or shut-down sync handler may not complete it
     settled: bool = False  # completed or failed in the database
 
@@ -129,11 +130,15 @@ class Worker:
             )
         else:
             raise ConfigurationError("give the worker an engine or a database_url")
+        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self.worker_ids = {flow.slug: uuid.uuid4() for flow in self.registry}
+        self._completions: list[tuple[_Running, Any, asyncio.Future[None]]] = []
+        self._flush_wake: asyncio.Event | None = None
         self.abandoned_threads = 0
         self.completed = 0
         self.failed = 0
-        self._running: dict[TaskKey, _Running] = {}
+        self._running: dict[TaskKey, _Running] = {}  # claimed and not yet settled
+        self._handling = 0  # handlers running now: what max_concurrency bounds
         self._timeouts: dict[tuple[str, str], int] = {}
         self._deprecated: set[str] = set()
         self._stopping: asyncio.Event | None = None
@@ -172,14 +177,17 @@ class Worker:
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self._slot_freed = asyncio.Event()
+        self._flush_wake = asyncio.Event()
         self._wake = {slug: asyncio.Event() for slug in self.worker_ids}
         self._threads = concurrent.futures.ThreadPoolExecutor(
             self.settings.thread_count, thread_name_prefix="pgflow-sa-handler"
         )
         started_at = time.monotonic()
         reason = "stopped"
+        flusher: asyncio.Task[None] | None = None
         try:
             await self._startup()
+            flusher = asyncio.create_task(self._supervise(self._flush_loop, "completion"))
             events.emit(
                 "worker.start",
                 worker_id=str(self._any_worker_id),
@@ -187,25 +195,35 @@ class Worker:
                 flows=list(self.worker_ids),
                 settings=self.settings.describe(),
             )
-            background = [
+            pollers = [
                 asyncio.create_task(
                     self._supervise(functools.partial(self._poll, flow), f"poll {flow.slug}")
                 )
                 for flow in self.registry
             ]
-            background.append(
-                asyncio.create_task(self._supervise(self._heartbeat_loop, "heartbeat"))
-            )
-            background.append(asyncio.create_task(self._supervise(self._recovery_loop, "recovery")))
+            background = [
+                asyncio.create_task(self._supervise(self._heartbeat_loop, "heartbeat")),
+                asyncio.create_task(self._supervise(self._recovery_loop, "recovery")),
+            ]
             self.ready.set()
             await self._stopping.wait()
             if self._deprecated >= set(self.worker_ids):
                 reason = "deprecated"
+            # pollers are never cancelled: a claim cut off after the database started
+            # its tasks would leave them to stall recovery; they finish the claim in
+            # hand (launching what it got) and return
+            self._slot_freed.set()
+            for wake in self._wake.values():
+                wake.set()
+            await asyncio.gather(*pollers, return_exceptions=True)
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await self._drain()
         finally:
+            if flusher is not None:
+                flusher.cancel()
+                await asyncio.gather(flusher, return_exceptions=True)
             await self._close_listener()
             self._threads.shutdown(wait=False, cancel_futures=True)
             for engine in self._own_engines:
@@ -354,7 +372,18 @@ class Worker:
     # --- polling and claiming ------------------------------------------------------
 
     def _free_slots(self) -> int:
-        return self.settings.max_concurrency - len(self._running)
+        return self.settings.max_concurrency - self._handling
+
+    def _release_slot(self, running: _Running) -> None:
+        """The handler is done: its slot can take a new task while the completion is
+        still being committed (so claiming overlaps completing)."""
+        if running.handling:
+            running.handling = False
+            self._handling -= 1
+            assert self._slot_freed is not None
+            self._slot_freed.set()
+            for wake in self._wake.values():
+                wake.set()
 
     async def _poll(self, flow: Flow) -> None:
         assert self._stopping is not None and self._slot_freed is not None
@@ -364,6 +393,8 @@ class Worker:
             free = self._free_slots()
             if free <= 0:
                 self._slot_freed.clear()
+                if self._stopping.is_set():
+                    break
                 await self._slot_freed.wait()
                 continue
             qty = min(self.settings.batch_size, free)
@@ -401,55 +432,46 @@ class Worker:
                 await asyncio.wait_for(wake.wait(), interval)
 
     async def _claim(self, flow: Flow, qty: int) -> tuple[list[_Running], int]:
-        worker_id = self.worker_ids[flow.slug]
-        async with self.engine.begin() as conn:
-            messages = await fn.pgmq_read(
-                flow.slug, self.settings.visibility_timeout, qty
-            ).all_async(conn)
-            if not messages:
-                return [], 0
-            tasks = await fn.start_tasks(
-                flow.slug, [m.msg_id for m in messages], worker_id
-            ).all_async(conn)
-            if not tasks:
-                return [], len(messages)
-            await fn.set_vt_batch(
-                flow.slug,
-                [t.msg_id for t in tasks],
-                [self._timeouts.get((flow.slug, t.step_slug), 60) + 2 for t in tasks],
-            ).all_async(conn)
-            details = {
-                row.message_id: row
-                for row in (
-                    await conn.execute(worker_queries.claimed_details([t.msg_id for t in tasks]))
-                ).all()
-            }
-        claimed = []
-        for task in tasks:
-            step = flow.get_step(task.step_slug)
-            detail = details.get(task.msg_id)
-            claimed.append(
+        """One round trip: read, start_tasks and extend visibility (see worker_queries.claim)."""
+        statement = worker_queries.claim(
+            flow.slug, self.settings.visibility_timeout, qty, self.worker_ids[flow.slug]
+        )
+        async with self._autocommit.connect() as conn:
+            rows = (await conn.execute(statement)).all()
+            claimed = [
                 _Running(
                     flow,
-                    step,
-                    task,
-                    attempt=detail.attempts_count if detail is not None else 1,
-                    flow_input=detail.input if detail is not None else None,
+                    flow.get_step(row.step_slug),
+                    StepTaskRecord(
+                        flow.slug, row.run_id, row.step_slug, row.input, row.msg_id, row.task_index
+                    ),
+                    attempt=row.attempt,
+                    flow_input=row.run_input,
                 )
-            )
-        return claimed, len(messages)
+                for row in rows
+                if row.run_id is not None
+            ]
+            unseen = {
+                r.task.run_id
+                for r, row in zip(claimed, [x for x in rows if x.run_id is not None], strict=True)
+                if r.step.is_map and not row.run_visible
+            }
+            if unseen:
+                inputs = dict((await conn.execute(worker_queries.run_inputs(list(unseen)))).all())
+                for running in claimed:
+                    if running.task.run_id in inputs:
+                        running.flow_input = inputs[running.task.run_id]
+        return claimed, rows[0].read_count if rows else 0
 
     def _launch(self, running: _Running) -> None:
         assert self._slot_freed is not None
         self._running[running.key] = running
+        self._handling += 1
         running.future = asyncio.create_task(self._execute(running))
 
         def done(_: asyncio.Task[None]) -> None:
             self._running.pop(running.key, None)
-            assert self._slot_freed is not None
-            self._slot_freed.set()
-            for wake in self._wake.values():
-                wake.set()
+            self._release_slot(running)
 
         running.future.add_done_callback(done)
 
@@ -496,14 +518,16 @@ class Worker:
                     asyncio.wrap_future(self._submit_sync(running, ctx, args)),
                 )
                 result = await asyncio.wait_for(pending, timeout)
+            self._release_slot(running)
             if result is not None and not running.settled:
-                await self._settle(running, output=result.value)
+                await self._complete(running, result.value)
         except asyncio.CancelledError:
             running.abandoned = True
             raise
         except asyncio.TimeoutError:
             with running.lock:
                 running.abandoned = True
+            self._release_slot(running)
             if not inspect.iscoroutinefunction(step.handler):
                 self.abandoned_threads += 1
             message = f"TimeoutError: step {task.step_slug!r} did not finish within {timeout} s"
@@ -518,6 +542,7 @@ class Worker:
             await self._settle(running, error=message)
             return
         except Exception as exc:
+            self._release_slot(running)
             kind = "output" if isinstance(exc, OutputError) else "error"
             logger.error(
                 "step %s of flow %s failed (run %s, task %s)",
@@ -589,6 +614,57 @@ class Worker:
 
         return self._threads.submit(call)
 
+    async def _complete(self, running: _Running, output: Any) -> None:
+        """Queue a completion; returns once it is committed. Completions that arrive
+        together are committed in one statement (group commit)."""
+        assert self._loop is not None and self._flush_wake is not None
+        done: asyncio.Future[None] = self._loop.create_future()
+        self._completions.append((running, output, done))
+        self._flush_wake.set()
+        await done
+
+    async def _flush_loop(self) -> None:
+        assert self._flush_wake is not None
+        backoff = 0.1
+        while True:
+            await self._flush_wake.wait()
+            self._flush_wake.clear()
+            batch, self._completions = self._completions, []
+            if not batch:
+                continue
+            try:
+                async with self._autocommit.connect() as conn:
+                    await conn.execute(
+                        worker_queries.complete_many(
+                            [r.key for r, _, _ in batch], [output for _, output, _ in batch]
+                        )
+                    )
+            except _DB_ERRORS as exc:
+                if _connection_problem(exc):
+                    logger.warning(
+                        "completing %d task(s) failed (%s); retrying in %.1f s",
+                        len(batch),
+                        first_line(exc),
+                        backoff,
+                    )
+                    self._completions[:0] = batch
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self.settings.max_backoff)
+                    self._flush_wake.set()
+                    continue
+                # one of them was refused: settle them one by one to isolate it
+                for running, output, done in batch:
+                    await self._settle(running, output=output)
+                    if not done.done():
+                        done.set_result(None)
+                continue
+            backoff = 0.1
+            for running, _, done in batch:
+                running.settled = True
+                self.completed += 1
+                if not done.done():
+                    done.set_result(None)
+
     async def _settle(
         self, running: _Running, *, output: Any = None, error: str | None = None
     ) -> None:
@@ -599,7 +675,7 @@ class Worker:
         backoff = 0.1
         while True:
             try:
-                async with self.engine.begin() as conn:
+                async with self._autocommit.connect() as conn:
                     if error is None:
                         await fn.complete_task(
                             task.run_id, task.step_slug, task.task_index, output

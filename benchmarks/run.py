@@ -1,0 +1,319 @@
+"""pgflow-sa benchmarks: worker throughput against a bare protocol loop and
+Procrastinate, chain latency at a steady rate, worker RSS and connections.
+
+    python benchmarks/run.py [--database-url URL] [--tasks N] [--json out.json]
+
+Without --database-url it uses PGFLOW_SA_BENCH_DATABASE_URL, else the server at
+127.0.0.1:5432. Each measurement uses a fresh database on that server; the
+figures that matter are ratios measured in the same run, not absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psutil
+import psycopg
+from psycopg import sql
+
+HERE = Path(__file__).resolve().parent
+CLI = str(Path(sys.executable).parent / "pgflow-sa")
+sys.path.insert(0, str(HERE))
+
+from bench_app import chain, noop  # noqa: E402
+
+from pgflow_sa import compile_flow, install_schema  # noqa: E402
+from pgflow_sa.config import to_sqlalchemy_url  # noqa: E402
+
+BATCH = 10
+CONCURRENCY = 10
+
+
+def libpq(url: str) -> str:
+    return to_sqlalchemy_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def fresh_database(server: str, name: str) -> str:
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = to_sqlalchemy_url(server).set(database=name, drivername="postgresql")
+    return url.render_as_string(hide_password=False)
+
+
+def prepare_pgflow(url: str) -> None:
+    install_schema(url)
+    with psycopg.connect(url) as conn:
+        for flow in (noop, chain):
+            for statement in compile_flow(flow):
+                conn.execute(statement)
+
+
+def start_runs(url: str, flow: str, count: int) -> None:
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "SELECT count(*) FROM generate_series(1, %s) i, "
+            "LATERAL pgflow.start_flow(%s, jsonb_build_object('i', i))",
+            [count, flow],
+        )
+
+
+def finished(url: str, flow: str) -> int:
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM pgflow.runs WHERE flow_slug = %s AND status <> 'started'", [flow]
+        ).fetchone()[0]
+
+
+def connections(url: str, pids_excluded: set[int]) -> int:
+    with psycopg.connect(url) as conn:
+        db = conn.info.dbname
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", [db]
+        ).fetchall()
+    return len([r for r in rows if r[0] not in pids_excluded])
+
+
+# --- (a) the pgflow-sa worker -------------------------------------------------------
+
+
+def start_worker(
+    url: str, flow: str, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGFLOW_SA_")}
+    env.update({"PYTHONPATH": str(HERE)}, **(extra_env or {}))
+    return subprocess.Popen(
+        [
+            CLI,
+            "worker",
+            "bench_app:flows",
+            "--flow",
+            flow,
+            "--concurrency",
+            str(CONCURRENCY),
+            "--batch-size",
+            str(BATCH),
+            "--database-url",
+            url,
+            "--log-level",
+            "WARNING",
+        ],
+        env=env,
+        cwd=HERE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def wait_ready(url: str, flow: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with psycopg.connect(url) as conn:
+            if conn.execute(
+                "SELECT count(*) FROM pgflow.workers WHERE queue_name = %s", [flow]
+            ).fetchone()[0]:
+                return
+        time.sleep(0.05)
+    raise RuntimeError("the worker did not register")
+
+
+def bench_worker(server: str, tasks: int) -> dict[str, Any]:
+    url = fresh_database(server, "pgflow_sa_bench_worker")
+    prepare_pgflow(url)
+    worker = start_worker(url, "bench_noop")
+    try:
+        wait_ready(url, "bench_noop")
+        start_runs(url, "bench_noop", tasks)
+        started = time.perf_counter()
+        rss = 0
+        conns = 0
+        deadline = time.monotonic() + 600
+        while finished(url, "bench_noop") < tasks:
+            if time.monotonic() > deadline or worker.poll() is not None:
+                raise RuntimeError("the worker did not finish the runs")
+            rss = max(rss, psutil.Process(worker.pid).memory_info().rss)
+            conns = max(conns, connections(url, set()))
+            time.sleep(0.05)
+        elapsed = time.perf_counter() - started
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    return {"tasks_per_s": tasks / elapsed, "rss_mib": rss / 2**20, "connections": conns}
+
+
+# --- (b) a bare protocol loop --------------------------------------------------------
+
+CLAIM = "SELECT * FROM pgflow.start_tasks($1, (SELECT coalesce(array_agg(msg_id), '{}') FROM pgmq.read($1, 30, $2)), $3)"
+COMPLETE = (
+    "SELECT count(*) FROM unnest($1::uuid[], $2::text[], $3::int[]) AS t(run_id, step_slug, task_index), "
+    "LATERAL pgflow.complete_task(t.run_id, t.step_slug, t.task_index, '1'::jsonb)"
+)
+
+
+async def bare_loop(url: str, flow: str, tasks: int, loops: int = 2) -> float:
+    pool = await asyncpg.create_pool(url, min_size=loops, max_size=loops)
+    worker_id = uuid.uuid4()
+    await pool.execute(
+        "INSERT INTO pgflow.workers (worker_id, queue_name, function_name) VALUES ($1, $2, 'bare')",
+        worker_id,
+        flow,
+    )
+    done = 0
+
+    async def loop() -> None:
+        nonlocal done
+        idle_since = time.monotonic()
+        async with pool.acquire() as conn:
+            while done < tasks:
+                claimed = await conn.fetch(CLAIM, flow, BATCH, worker_id)
+                if not claimed:
+                    if time.monotonic() - idle_since > 10:
+                        raise RuntimeError(f"bare loop idle with {done}/{tasks} done")
+                    await asyncio.sleep(0.001)
+                    continue
+                idle_since = time.monotonic()
+                await conn.fetchval(
+                    COMPLETE,
+                    [r["run_id"] for r in claimed],
+                    [r["step_slug"] for r in claimed],
+                    [r["task_index"] for r in claimed],
+                )
+                done += len(claimed)
+
+    started = time.perf_counter()
+    await asyncio.gather(*[loop() for _ in range(loops)])
+    elapsed = time.perf_counter() - started
+    await pool.close()
+    return tasks / elapsed
+
+
+def bench_bare(server: str, tasks: int) -> dict[str, Any]:
+    url = fresh_database(server, "pgflow_sa_bench_bare")
+    prepare_pgflow(url)
+    start_runs(url, "bench_noop", tasks)
+    return {"tasks_per_s": asyncio.run(bare_loop(url, "bench_noop", tasks))}
+
+
+# --- (c) Procrastinate ------------------------------------------------------------------
+
+
+def bench_procrastinate(server: str, tasks: int) -> dict[str, Any]:
+    url = fresh_database(server, "pgflow_sa_bench_procrastinate")
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "procrastinate_bench.py"), url, str(tasks), str(CONCURRENCY)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"procrastinate benchmark failed: {proc.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+# --- chain latency ---------------------------------------------------------------------
+
+
+def bench_latency(server: str, rate: float, seconds: float) -> dict[str, Any]:
+    url = fresh_database(server, "pgflow_sa_bench_latency")
+    prepare_pgflow(url)
+    worker = start_worker(url, "bench_chain")
+    try:
+        wait_ready(url, "bench_chain")
+        count = int(rate * seconds)
+        with psycopg.connect(url, autocommit=True) as conn:
+            begin = time.perf_counter()
+            for i in range(count):
+                target = begin + i / rate
+                delay = target - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                conn.execute("SELECT pgflow.start_flow('bench_chain', '{}'::jsonb)")
+        deadline = time.monotonic() + 60
+        while finished(url, "bench_chain") < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+        rss = psutil.Process(worker.pid).memory_info().rss
+        with psycopg.connect(url) as conn:
+            latencies = [
+                float(r[0]) * 1000
+                for r in conn.execute(
+                    "SELECT extract(epoch FROM completed_at - started_at) FROM pgflow.runs "
+                    "WHERE status = 'completed'"
+                )
+            ]
+        conns = connections(url, set())
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    latencies.sort()
+    return {
+        "runs": count,
+        "completed": len(latencies),
+        "p50_ms": statistics.median(latencies),
+        "p95_ms": latencies[int(len(latencies) * 0.95) - 1],
+        "rss_mib": rss / 2**20,
+        "connections": conns,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get(
+            "PGFLOW_SA_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+        ),
+    )
+    parser.add_argument("--tasks", type=int, default=5000)
+    parser.add_argument("--rate", type=float, default=50)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--skip", action="append", default=[], choices=["procrastinate", "latency"])
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    server = libpq(args.database_url)
+
+    results: dict[str, Any] = {"tasks": args.tasks, "batch": BATCH, "concurrency": CONCURRENCY}
+    results["bare"] = bench_bare(server, args.tasks)
+    results["worker"] = bench_worker(server, args.tasks)
+    if "procrastinate" not in args.skip:
+        results["procrastinate"] = bench_procrastinate(server, args.tasks)
+    if "latency" not in args.skip:
+        results["chain_latency"] = bench_latency(server, args.rate, args.seconds)
+
+    worker, bare = results["worker"]["tasks_per_s"], results["bare"]["tasks_per_s"]
+    print(f"(b) bare protocol loop      {bare:8.0f} tasks/s")
+    print(
+        f"(a) pgflow-sa worker        {worker:8.0f} tasks/s  = {worker / bare:.0%} of (b)"
+        f"  [RSS {results['worker']['rss_mib']:.0f} MiB, {results['worker']['connections']} connections]"
+    )
+    if "procrastinate" in results:
+        pro = results["procrastinate"]["jobs_per_s"]
+        print(f"(c) procrastinate           {pro:8.0f} jobs/s   (a)/(c) = {worker / pro:.2f}x")
+    if "chain_latency" in results:
+        lat = results["chain_latency"]
+        print(
+            f"3-step chain at {args.rate:.0f} runs/s: p50 {lat['p50_ms']:.1f} ms, p95 {lat['p95_ms']:.1f} ms "
+            f"({lat['completed']}/{lat['runs']} completed) [RSS {lat['rss_mib']:.0f} MiB, "
+            f"{lat['connections']} connections]"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
