@@ -148,10 +148,17 @@ def bench_worker(server: str, tasks: int) -> dict[str, Any]:
             conns = max(conns, connections(url, set()))
             time.sleep(0.05)
         elapsed = time.perf_counter() - started
+        cpu = psutil.Process(worker.pid).cpu_times()
     finally:
         worker.terminate()
         worker.wait(30)
-    return {"tasks_per_s": tasks / elapsed, "rss_mib": rss / 2**20, "connections": conns}
+    return {
+        "tasks_per_s": tasks / elapsed,
+        "rss_mib": rss / 2**20,
+        "connections": conns,
+        "cpu_s": cpu.user + cpu.system,
+        "elapsed_s": elapsed,
+    }
 
 
 # --- (b) a bare protocol loop --------------------------------------------------------
@@ -172,6 +179,8 @@ async def bare_loop(url: str, flow: str, tasks: int, loops: int = 2) -> float:
         flow,
     )
     done = 0
+
+    cpu_before = psutil.Process().cpu_times()
 
     async def loop() -> None:
         nonlocal done
@@ -196,7 +205,10 @@ async def bare_loop(url: str, flow: str, tasks: int, loops: int = 2) -> float:
     started = time.perf_counter()
     await asyncio.gather(*[loop() for _ in range(loops)])
     elapsed = time.perf_counter() - started
+    cpu_after = psutil.Process().cpu_times()
     await pool.close()
+    cpu = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+    print(f"    bare loop CPU {cpu / elapsed:.0%} of a core", file=sys.stderr)
     return tasks / elapsed
 
 
@@ -296,6 +308,8 @@ def main() -> int:
 
     worker, bare = results["worker"]["tasks_per_s"], results["bare"]["tasks_per_s"]
     print(f"(b) bare protocol loop      {bare:8.0f} tasks/s")
+    cpu_share = results["worker"]["cpu_s"] / results["worker"]["elapsed_s"]
+    print(f"    worker process CPU: {cpu_share:.0%} of a core", file=sys.stderr)
     print(
         f"(a) pgflow-sa worker        {worker:8.0f} tasks/s  = {worker / bare:.0%} of (b)"
         f"  [RSS {results['worker']['rss_mib']:.0f} MiB, {results['worker']['connections']} connections]"

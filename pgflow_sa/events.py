@@ -75,6 +75,11 @@ def subscribe(callback: Subscriber) -> Callable[[], None]:
     return unsubscribe
 
 
+def has_subscribers() -> bool:
+    """Whether anyone listens (lets emitters skip building costly events)."""
+    return bool(_subscribers)
+
+
 def emit(name: str, measurements: dict[str, float] | None = None, /, **metadata: Any) -> None:
     """Send an event to every subscriber (cheap when there is none)."""
     if not _subscribers:

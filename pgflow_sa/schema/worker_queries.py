@@ -130,23 +130,15 @@ def pgmq_insert_channel(queue_name: str) -> str:
 
 _CLAIM_SQL = """
 WITH msgs AS MATERIALIZED (
+    -- hidden for the task's whole time budget at once: the read and start_tasks
+    -- commit together, so a message read here is either claimed or has no
+    -- queued task behind it (which also covers pgflow 0.8.1's start_tasks not
+    -- extending the visibility itself)
     SELECT msg_id FROM pgmq.read(:queue, :vt, :qty)
 ), claimed AS MATERIALIZED (
     SELECT t.* FROM pgflow.start_tasks(:queue, ARRAY(SELECT msg_id FROM msgs), :worker_id) AS t
-), extended AS MATERIALIZED (
-    SELECT count(*) AS n FROM pgflow.set_vt_batch(
-        :queue,
-        ARRAY(SELECT c.msg_id FROM claimed c ORDER BY c.msg_id),
-        ARRAY(
-            SELECT coalesce(s.opt_timeout, f.opt_timeout) + 2
-            FROM claimed c
-            JOIN pgflow.steps s ON s.flow_slug = c.flow_slug AND s.step_slug = c.step_slug
-            JOIN pgflow.flows f ON f.flow_slug = c.flow_slug
-            ORDER BY c.msg_id
-        )
-    )
 )
-SELECT m.read_count, (SELECT n FROM extended) AS extended,
+SELECT m.read_count,
        x.run_id, x.step_slug, x.input, x.msg_id, x.task_index, x.attempt, x.run_input,
        x.run_visible
 FROM (SELECT count(*) AS read_count FROM msgs) AS m
@@ -158,23 +150,28 @@ LEFT JOIN (
     -- see (run_visible false) has its input fetched separately when needed.
     SELECT c.run_id, c.step_slug, c.input, c.msg_id, c.task_index,
            coalesce(st.attempts_count, 0) + 1 AS attempt,
-           CASE WHEN s.step_type = 'map' THEN r.input END AS run_input,
+           CASE WHEN c.step_slug = ANY(:map_steps) THEN r.input END AS run_input,
            r.run_id IS NOT NULL AS run_visible
     FROM claimed c
     LEFT JOIN pgflow.step_tasks st
       ON st.run_id = c.run_id AND st.step_slug = c.step_slug AND st.task_index = c.task_index
-    LEFT JOIN pgflow.steps s ON s.flow_slug = c.flow_slug AND s.step_slug = c.step_slug
     LEFT JOIN pgflow.runs r ON r.run_id = c.run_id
 ) AS x ON true
 """
 
 
-def claim(queue: str, visibility_timeout: int, qty: int, worker_id: uuid.UUID) -> Any:
-    """Read up to ``qty`` messages, start their tasks and extend their visibility to the
-    step timeout + 2 s, in one statement (one round trip, atomic without a transaction
-    block). Rows: read_count, extended, and per claimed task run_id, step_slug, input,
-    msg_id, task_index, attempt and (map steps) run_input; one row of nulls when
-    nothing was claimed."""
+def claim(
+    queue: str,
+    visibility_timeout: int,
+    qty: int,
+    worker_id: uuid.UUID,
+    map_steps: Sequence[str],
+) -> Any:
+    """Read up to ``qty`` messages hiding them for ``visibility_timeout`` seconds (the
+    flow's longest step timeout plus a margin) and start their tasks, in one statement
+    (one round trip, atomic without a transaction block). Rows: read_count, and per
+    claimed task run_id, step_slug, input, msg_id, task_index, attempt and (for
+    ``map_steps``) run_input; one row of nulls when nothing was claimed."""
     return (
         text(_CLAIM_SQL)
         .bindparams(
@@ -182,10 +179,10 @@ def claim(queue: str, visibility_timeout: int, qty: int, worker_id: uuid.UUID) -
             bindparam("vt", visibility_timeout, type_=Integer()),
             bindparam("qty", qty, type_=Integer()),
             bindparam("worker_id", worker_id, type_=PG_UUID(as_uuid=True)),
+            bindparam("map_steps", list(map_steps), type_=ARRAY(Text())),
         )
         .columns(
             column("read_count", BigInteger()),
-            column("extended", BigInteger()),
             column("run_id", PG_UUID(as_uuid=True)),
             column("step_slug", Text()),
             column("input", JSONB()),

@@ -20,7 +20,7 @@ class WorkerSettings:
     max_concurrency: int = 10
     #: most messages claimed per read (never more than the free slots)
     batch_size: int = 10
-    #: seconds a read hides a message before start_tasks extends it to the step timeout + 2
+    #: a claimed message stays hidden for the flow's longest step timeout plus this many seconds
     visibility_timeout: int = 2
     #: seconds between reads of an idle queue when woken by notifications
     poll_interval: float = 1.0
@@ -40,6 +40,13 @@ class WorkerSettings:
     max_backoff: float = 5.0
     #: listen for notifications (pgflow-sa's publisher, pgmq notify-on-insert) to wake up
     use_notifications: bool = True
+    #: plan_cache_mode of the worker's own connections. pgflow's PL/pgSQL functions cache
+    #: plans per session; a generic plan made while the tables were small (or ANALYZEd
+    #: empty) stays in a long-lived session as they grow. "force_custom_plan" plans
+    #: each call for the table sizes at hand; "auto" is PostgreSQL's default.
+    plan_cache_mode: str = "force_custom_plan"
+    #: seconds after which the worker's own connections are replaced (0: never)
+    connection_lifetime: float = 3600.0
 
     def __post_init__(self) -> None:
         positive = (
@@ -57,7 +64,12 @@ class WorkerSettings:
                 raise ConfigurationError(
                     f"worker setting {name} must be positive, not {getattr(self, name)}"
                 )
-        for name in ("sync_threads", "shutdown_timeout", "stall_margin"):
+        if self.plan_cache_mode not in ("auto", "force_custom_plan", "force_generic_plan"):
+            raise ConfigurationError(
+                "worker setting plan_cache_mode must be auto, force_custom_plan or "
+                f"force_generic_plan, not {self.plan_cache_mode!r}"
+            )
+        for name in ("sync_threads", "shutdown_timeout", "stall_margin", "connection_lifetime"):
             if getattr(self, name) < 0:
                 raise ConfigurationError(f"worker setting {name} must not be negative")
 
