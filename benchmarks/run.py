@@ -240,16 +240,38 @@ def bench_procrastinate(server: str, tasks: int) -> dict[str, Any]:
 # --- chain latency ---------------------------------------------------------------------
 
 
-def bench_latency(server: str, rate: float, seconds: float) -> dict[str, Any]:
+STALE_TABLES = ("runs", "step_states", "step_tasks")
+
+
+def bench_latency(
+    server: str,
+    rate: float,
+    seconds: float,
+    *,
+    stale: bool = False,
+    plan_cache_mode: str | None = None,
+) -> dict[str, Any]:
+    """Chain latency at a steady rate. ``stale``: the pgflow tables are ANALYZEd while
+    empty before the worker starts and again (as autovacuum would) once a quarter of
+    the runs have started; sessions that cached generic plans for the empty tables
+    keep them, sessions planning each call pick up the new statistics."""
     url = fresh_database(server, "pgflow_sa_bench_latency")
     prepare_pgflow(url)
-    worker = start_worker(url, "bench_chain")
+    if stale:
+        with psycopg.connect(url, autocommit=True) as conn:
+            for table in STALE_TABLES:
+                conn.execute(f"ANALYZE pgflow.{table}")
+    extra = {"PGFLOW_SA_WORKER_PLAN_CACHE_MODE": plan_cache_mode} if plan_cache_mode else None
+    worker = start_worker(url, "bench_chain", extra)
     try:
         wait_ready(url, "bench_chain")
         count = int(rate * seconds)
         with psycopg.connect(url, autocommit=True) as conn:
             begin = time.perf_counter()
             for i in range(count):
+                if stale and i == count // 4:
+                    for table in STALE_TABLES:
+                        conn.execute(f"ANALYZE pgflow.{table}")
                 target = begin + i / rate
                 delay = target - time.perf_counter()
                 if delay > 0:
@@ -271,11 +293,13 @@ def bench_latency(server: str, rate: float, seconds: float) -> dict[str, Any]:
     finally:
         worker.terminate()
         worker.wait(30)
+    tail = latencies[-max(1, len(latencies) // 4) :]  # the last runs started
     latencies.sort()
     return {
         "runs": count,
         "completed": len(latencies),
         "p50_ms": statistics.median(latencies),
+        "last_quarter_p50_ms": statistics.median(tail),
         "p95_ms": latencies[int(len(latencies) * 0.95) - 1],
         "rss_mib": rss / 2**20,
         "connections": conns,
@@ -293,7 +317,11 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=5000)
     parser.add_argument("--rate", type=float, default=50)
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--skip", action="append", default=[], choices=["procrastinate", "latency"])
+    parser.add_argument(
+        "--skip", action="append", default=[], choices=["procrastinate", "latency", "stale-plans"]
+    )
+    parser.add_argument("--stale-rate", type=float, default=200)
+    parser.add_argument("--stale-seconds", type=float, default=20)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     server = libpq(args.database_url)
@@ -305,6 +333,11 @@ def main() -> int:
         results["procrastinate"] = bench_procrastinate(server, args.tasks)
     if "latency" not in args.skip:
         results["chain_latency"] = bench_latency(server, args.rate, args.seconds)
+    if "stale-plans" not in args.skip:
+        for mode in ("auto", "force_custom_plan"):
+            results[f"stale_plans_{mode}"] = bench_latency(
+                server, args.stale_rate, args.stale_seconds, stale=True, plan_cache_mode=mode
+            )
 
     worker, bare = results["worker"]["tasks_per_s"], results["bare"]["tasks_per_s"]
     print(f"(b) bare protocol loop      {bare:8.0f} tasks/s")
@@ -324,6 +357,15 @@ def main() -> int:
             f"({lat['completed']}/{lat['runs']} completed) [RSS {lat['rss_mib']:.0f} MiB, "
             f"{lat['connections']} connections]"
         )
+    for mode in ("auto", "force_custom_plan"):
+        key = f"stale_plans_{mode}"
+        if key in results:
+            lat = results[key]
+            print(
+                f"stale statistics, chain at {args.stale_rate:.0f} runs/s, plan_cache_mode={mode}: "
+                f"p50 {lat['p50_ms']:.1f} ms, p95 {lat['p95_ms']:.1f} ms, last quarter p50 "
+                f"{lat['last_quarter_p50_ms']:.1f} ms ({lat['completed']}/{lat['runs']} completed)"
+            )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=float))
     return 0

@@ -294,3 +294,39 @@ async def test_runs_started_while_the_worker_claims_never_stall(
         finals = await asyncio.gather(*[wait_for_run_async(engine, r, timeout=30) for r in run_ids])
     assert all(f.status is RunStatus.COMPLETED for f in finals)
     assert finals[5].output == {"s2": 2, "s3": [5, 6]}
+
+
+async def test_opentelemetry_spans(db_url: str, engine: AsyncEngine) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import StatusCode
+
+    from pgflow_sa.contrib.opentelemetry import instrument
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    deploy(db_url, chain, bad_output)
+    uninstrument = instrument(provider)
+    try:
+        async with running_worker([chain, bad_output], db_url):
+            ok, failed = await asyncio.gather(
+                run_and_wait(engine, chain, {"url": "x"}), run_and_wait(engine, bad_output, {})
+            )
+    finally:
+        uninstrument()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(spans) == {
+        "pgflow.task w_chain.fetch",
+        "pgflow.task w_chain.convert",
+        "pgflow.task w_chain.publish",
+        "pgflow.task w_bad_output.returns_object",
+    }
+    fetch_span = spans["pgflow.task w_chain.fetch"]
+    assert fetch_span.attributes["pgflow.run_id"] == str(ok.run_id)
+    assert fetch_span.attributes["pgflow.attempt"] == 1
+    assert fetch_span.status.status_code is StatusCode.UNSET
+    broken = spans["pgflow.task w_bad_output.returns_object"]
+    assert broken.status.status_code is StatusCode.ERROR
+    assert broken.status.description == failed.error
