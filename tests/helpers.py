@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -68,3 +69,25 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: st
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def npm_package_dir(package: str, version: str) -> Path:
+    """A folder where npm installed ``package@version`` (an ES module project), kept
+    between runs in .pgflow_sa/ (or $PGFLOW_SA_TEST_NPM_ROOT)."""
+    root = Path(os.environ.get("PGFLOW_SA_TEST_NPM_ROOT") or ROOT / ".pgflow_sa")
+    folder = root / f"npm-{package.replace('@', '').replace('/', '-')}-{version}"
+    installed = folder / "node_modules" / package / "package.json"
+    if not installed.exists() or json.loads(installed.read_text())["version"] != version:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "package.json").write_text('{"private": true, "type": "module"}\n')
+        subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund", f"{package}@{version}"],
+            cwd=folder,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+    return folder

@@ -4,7 +4,6 @@ emits creates the same flow in a real database."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,6 +16,7 @@ from pgflow_sa import Flow, compile_flow, diff_shapes
 from pgflow_sa._db import sync_engine
 from pgflow_sa.schema import read_flow_shape
 
+from .helpers import npm_package_dir
 from .interop.flows import registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,22 +25,8 @@ DSL_VERSION = "0.8.1"
 
 @pytest.fixture(scope="session")
 def node_dsl_dir() -> Path:
-    """A folder with @pgflow/dsl installed by npm (kept between runs in .pgflow_sa/)."""
-    folder = Path(
-        os.environ.get("PGFLOW_SA_TEST_NPM_DIR") or ROOT / ".pgflow_sa" / f"npm-dsl-{DSL_VERSION}"
-    )
-    installed = folder / "node_modules" / "@pgflow" / "dsl" / "package.json"
-    if not installed.exists() or json.loads(installed.read_text())["version"] != DSL_VERSION:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "package.json").write_text('{"private": true, "type": "module"}\n')
-        subprocess.run(
-            ["npm", "install", "--no-audit", "--no-fund", f"@pgflow/dsl@{DSL_VERSION}"],
-            cwd=folder,
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
-    return folder
+    """A folder with @pgflow/dsl installed by npm."""
+    return npm_package_dir("@pgflow/dsl", DSL_VERSION)
 
 
 def test_python_and_typescript_compile_identical_sql(node_dsl_dir: Path) -> None:

@@ -25,6 +25,7 @@ from pgflow_sa import (
     wait_for_run_async,
 )
 
+from .helpers import npm_package_dir
 from .worker_harness import deploy, running_worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,21 +49,8 @@ def label(input: dict[str, Any], ctx: Context) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def node_core_dir() -> Path:
-    folder = Path(
-        os.environ.get("PGFLOW_SA_TEST_NPM_CORE_DIR")
-        or ROOT / ".pgflow_sa" / f"npm-core-{CORE_VERSION}"
-    )
-    installed = folder / "node_modules" / "@pgflow" / "core" / "package.json"
-    if not installed.exists() or json.loads(installed.read_text())["version"] != CORE_VERSION:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "package.json").write_text('{"private": true, "type": "module"}\n')
-        subprocess.run(
-            ["npm", "install", "--no-audit", "--no-fund", f"@pgflow/core@{CORE_VERSION}"],
-            cwd=folder,
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
+    """A folder with @pgflow/core installed by npm, and our Node worker script."""
+    folder = npm_package_dir("@pgflow/core", CORE_VERSION)
     shutil.copyfile(
         Path(__file__).parent / "interop" / "node_worker.mjs", folder / "node_worker.mjs"
     )

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from pgflow_sa import (
     Context,
@@ -224,33 +224,38 @@ async def test_deprecated_worker_drains_and_exits(db_url: str) -> None:
     await asyncio.wait_for(serving, 10)  # exits by itself
 
 
+async def _started_by_a_dead_worker(conn: AsyncConnection, count: int) -> list[uuid.UUID]:
+    """Start ``count`` runs and have a worker that then died claim their tasks long
+    ago (more than the 60 s timeout + 30 s margin)."""
+    runs = [(await start_flow_async(conn, slowish, {})).run_id for _ in range(count)]
+    dead = uuid.uuid4()
+    await conn.execute(
+        sa.text(
+            "INSERT INTO pgflow.workers (worker_id, queue_name, function_name) "
+            "VALUES (:id, 'w_slowish', 'dead')"
+        ),
+        {"id": dead},
+    )
+    messages = await fn.pgmq_read("w_slowish", 600, count).all_async(conn)
+    await fn.start_tasks("w_slowish", [m.msg_id for m in messages], dead).all_async(conn)
+    await conn.execute(
+        sa.text(
+            "UPDATE pgflow.step_tasks SET started_at = started_at - interval '2 minutes', "
+            "queued_at = queued_at - interval '2 minutes'"
+        )
+    )
+    return runs
+
+
 async def test_stalled_tasks_of_a_dead_worker_are_recovered(
     db_url: str, engine: AsyncEngine
 ) -> None:
     deploy(db_url, slowish)
     gate.set()
     async with engine.begin() as conn:
-        run = await start_flow_async(conn, slowish, {})
-        dead = uuid.uuid4()
-        await conn.execute(
-            sa.text(
-                "INSERT INTO pgflow.workers (worker_id, queue_name, function_name) "
-                "VALUES (:id, 'w_slowish', 'dead')"
-            ),
-            {"id": dead},
-        )
-        [message] = await fn.pgmq_read("w_slowish", 600, 1).all_async(conn)
-        await fn.start_tasks("w_slowish", [message.msg_id], dead).all_async(conn)
-        # the dead worker started it long ago (timeout 60 s + margin 30 s)
-        await conn.execute(
-            sa.text(
-                "UPDATE pgflow.step_tasks SET started_at = started_at - interval '2 minutes', "
-                "queued_at = queued_at - interval '2 minutes' WHERE run_id = :r"
-            ),
-            {"r": run.run_id},
-        )
+        [run_id] = await _started_by_a_dead_worker(conn, 1)
     async with running_worker(slowish, db_url):
-        final = await wait_for_run_async(engine, run.run_id, timeout=20)
+        final = await wait_for_run_async(engine, run_id, timeout=20)
     assert final.status is RunStatus.COMPLETED
     task = final.steps[0].tasks[0]
     assert task.attempts_count == 2
@@ -262,24 +267,7 @@ async def test_two_recoverers_never_recover_one_task_twice(
 ) -> None:
     deploy(db_url, slowish)
     async with engine.begin() as conn:
-        dead = uuid.uuid4()
-        await conn.execute(
-            sa.text(
-                "INSERT INTO pgflow.workers (worker_id, queue_name, function_name) "
-                "VALUES (:id, 'w_slowish', 'dead')"
-            ),
-            {"id": dead},
-        )
-        for _ in range(20):
-            await start_flow_async(conn, slowish, {})
-        messages = await fn.pgmq_read("w_slowish", 600, 20).all_async(conn)
-        await fn.start_tasks("w_slowish", [m.msg_id for m in messages], dead).all_async(conn)
-        await conn.execute(
-            sa.text(
-                "UPDATE pgflow.step_tasks SET started_at = started_at - interval '2 minutes', "
-                "queued_at = queued_at - interval '2 minutes'"
-            )
-        )
+        await _started_by_a_dead_worker(conn, 20)
     one, two = Worker(slowish, db_url, settings=FAST), Worker(slowish, db_url, settings=FAST)
     counts = await asyncio.gather(one.recover_stalled(), two.recover_stalled())
     assert sum(counts) == 20
