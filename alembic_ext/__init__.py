@@ -1,9 +1,35 @@
-"""Alembic integration for pgflow-sa (autogenerate support for pgflow flows).
+"""Alembic integration for pgflow-sa: autogenerate installs pgflow and picks up flows.
 
-Importing this package registers pgflow-sa's comparator, operations and
-renderers with Alembic. It depends on pgflow_sa; pgflow_sa never imports it.
+In env.py::
+
+    import alembic_ext
+    from myapp.flows import registry
+
+    alembic_ext.register_flows(registry)
+
+Importing this package registers the comparator, operations and renderers
+(once per process). It depends on pgflow_sa; pgflow_sa never imports it.
 """
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from . import render as _render  # noqa: F401  (registers the renderers)
+from .comparator import FlowStructureChangedError, compare_pgflow, register_flows
+from .ops import (
+    CreateFlowOp,
+    DropFlowOp,
+    InstallPgflowOp,
+    SetFlowOptionOp,
+    UninstallPgflowOp,
+)
+
+__all__ = [
+    "CreateFlowOp",
+    "DropFlowOp",
+    "FlowStructureChangedError",
+    "InstallPgflowOp",
+    "SetFlowOptionOp",
+    "UninstallPgflowOp",
+    "compare_pgflow",
+    "register_flows",
+]

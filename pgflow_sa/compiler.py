@@ -4,9 +4,11 @@ same flow."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from .dsl import Flow, is_safe_slug
 from .exceptions import FlowDefinitionError
-from .shape import STEP_OPTION_NAMES
+from .shape import STEP_OPTION_NAMES, FlowShape
 
 
 def _quoted(slug: str) -> str:
@@ -17,7 +19,7 @@ def _quoted(slug: str) -> str:
     return f"'{slug}'"
 
 
-def _options(options: dict[str, int | None]) -> str:
+def _options(options: Mapping[str, int | None]) -> str:
     parts = []
     for name in STEP_OPTION_NAMES:
         value = options.get(name)
@@ -40,6 +42,23 @@ def compile_flow(flow: Flow) -> list[str]:
         step_type = ", step_type => 'map'" if step.is_map else ""
         statements.append(
             f"SELECT pgflow.add_step({_quoted(flow.slug)}, {_quoted(step.slug)}"
+            f"{deps}{_options(step.options())}{step_type});"
+        )
+    return statements
+
+
+def compile_shape(shape: FlowShape) -> list[str]:
+    """The statements that recreate a flow as stored in a database (every stored
+    option written out, since the database does not record which were explicit;
+    dependencies in slug order)."""
+    statements = [f"SELECT pgflow.create_flow({_quoted(shape.slug)}{_options(shape.options())});"]
+    for step in shape.steps:
+        deps = ""
+        if step.deps:
+            deps = ", ARRAY[" + ", ".join(_quoted(d) for d in step.deps) + "]"
+        step_type = ", step_type => 'map'" if step.step_type == "map" else ""
+        statements.append(
+            f"SELECT pgflow.add_step({_quoted(shape.slug)}, {_quoted(step.slug)}"
             f"{deps}{_options(step.options())}{step_type});"
         )
     return statements

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 
 from ..compiler import compile_flow
 from ..dsl import Flow
@@ -48,7 +48,51 @@ def deploy_flows(conn: Connection, flows: Iterable[Flow]) -> DeployReport:
             "options with an Alembic migration"
         )
     for flow in to_create:
-        for statement in compile_flow(flow):
-            conn.exec_driver_sql(statement)
+        run_compiled(conn, compile_flow(flow))
         report.created.append(flow.slug)
     return report
+
+
+_DROP_FLOW_SQL = (
+    "DELETE FROM pgflow.step_tasks WHERE flow_slug = :slug",
+    "DELETE FROM pgflow.step_states WHERE flow_slug = :slug",
+    "DELETE FROM pgflow.runs WHERE flow_slug = :slug",
+    "DELETE FROM pgflow.deps WHERE flow_slug = :slug",
+    "DELETE FROM pgflow.steps WHERE flow_slug = :slug",
+    "DELETE FROM pgflow.workers WHERE queue_name = :slug",
+    "DELETE FROM pgflow.flows WHERE flow_slug = :slug",
+    "SELECT pgmq.drop_queue(:slug) WHERE EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = :slug)",
+)
+
+
+def drop_flow(conn: Connection, flow_slug: str) -> None:
+    """Delete a flow with its runs, steps and queue (pgflow 0.8.1 has no function for
+    it). Destroys run history: only for explicit opt-ins."""
+    for statement in _DROP_FLOW_SQL:
+        conn.execute(text(statement), {"slug": flow_slug})
+
+
+def run_compiled(conn: Connection, statements: Iterable[str]) -> None:
+    """Execute statements from :func:`pgflow_sa.compile_flow` (no parameters)."""
+    for statement in statements:
+        conn.exec_driver_sql(statement)
+
+
+def set_option(
+    conn: Connection, flow_slug: str, step_slug: str | None, column: str, value: int | None
+) -> None:
+    """Change a flow option (``step_slug`` None) or step option in place."""
+    from . import tables
+
+    if step_slug is None:
+        conn.execute(
+            tables.flows.update()
+            .where(tables.flows.c.flow_slug == flow_slug)
+            .values({column: value})
+        )
+    else:
+        conn.execute(
+            tables.steps.update()
+            .where(tables.steps.c.flow_slug == flow_slug, tables.steps.c.step_slug == step_slug)
+            .values({column: value})
+        )

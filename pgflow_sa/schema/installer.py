@@ -240,12 +240,20 @@ def _run_script(conn: Connection, sql: str) -> None:
     (several statements, '%' left alone); SQLAlchemy's own execute would
     treat '%' as a placeholder."""
     raw = conn.connection.driver_connection
-    if not isinstance(raw, psycopg.Connection):
-        raise InstallError(
-            "the installer needs a psycopg (sync) connection; pass a URL or a "
-            "postgresql+psycopg engine"
-        )
-    raw.execute(sql.encode("utf-8"))
+    if isinstance(raw, psycopg.Connection):
+        raw.execute(sql.encode("utf-8"))
+        return
+    if raw is not None and conn.dialect.driver == "asyncpg":
+        # inside AsyncConnection.run_sync (e.g. an async Alembic env.py): asyncpg's
+        # execute() without arguments uses the simple protocol, so scripts work too
+        from sqlalchemy.util import await_only
+
+        await_only(raw.execute(sql))
+        return
+    raise InstallError(
+        "the installer needs a psycopg or asyncpg connection; pass a URL or a "
+        "postgresql+psycopg / postgresql+asyncpg engine"
+    )
 
 
 def _install_pgmq(conn: Connection, probe: _Probe, actions: list[str]) -> bool:
@@ -332,8 +340,8 @@ def install(
         )
     skip_create_pgmq = _install_pgmq(conn, probe, actions)
     _install_realtime_send(conn, probe, actions)
+    conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {PGFLOW_SA_SCHEMA}")
     conn.exec_driver_sql(
-        f"CREATE SCHEMA IF NOT EXISTS {PGFLOW_SA_SCHEMA};"
         f"CREATE TABLE IF NOT EXISTS {PGFLOW_SA_SCHEMA}.schema_migrations ("
         " name text PRIMARY KEY,"
         " pgflow_version text NOT NULL,"

@@ -1,0 +1,123 @@
+"""The autogenerate comparator: registered flows against pgflow.flows/steps/deps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from alembic.autogenerate import comparators
+from alembic.autogenerate.api import AutogenContext
+from alembic.operations.ops import UpgradeOps
+
+from pgflow_sa import Flow, FlowRegistry, PgflowSaError, compile_flow, diff_shapes
+from pgflow_sa.compiler import compile_shape
+from pgflow_sa.schema import LATEST_VERSION, SchemaState, check, list_flow_slugs, read_flow_shape
+
+from .ops import CreateFlowOp, DropFlowOp, InstallPgflowOp, SetFlowOptionOp
+
+
+class FlowStructureChangedError(PgflowSaError):
+    """A flow's steps changed in code; pgflow flows cannot change shape in place."""
+
+
+@dataclass
+class _Registration:
+    registry: FlowRegistry | None = None
+    drop_unregistered: bool = False
+    recreate: set[str] = field(default_factory=set)
+    install_schema: bool = True
+
+
+_registration = _Registration()
+
+
+def register_flows(
+    flows: FlowRegistry | Flow | list[Flow],
+    *,
+    install_schema: bool = True,
+    drop_unregistered: bool = False,
+    recreate: set[str] | list[str] | tuple[str, ...] = (),
+) -> None:
+    """Tell autogenerate which flows the app has. Call once in env.py.
+
+    ``install_schema``: emit the pgflow schema install where it is missing.
+    ``drop_unregistered``: emit drops for flows in the database that are not
+    registered (off by default: a drop deletes their runs).
+    ``recreate``: slugs of flows whose structure may be changed by dropping and
+    recreating them (deletes their runs); otherwise a structural change is an error.
+    """
+    _registration.registry = FlowRegistry.of(flows)
+    _registration.install_schema = install_schema
+    _registration.drop_unregistered = drop_unregistered
+    _registration.recreate = set(recreate)
+
+
+def _structure_error(slug: str, lines: list[str]) -> FlowStructureChangedError:
+    return FlowStructureChangedError(
+        f"flow {slug!r} changed structure ({'; '.join(lines)}), and pgflow flows are "
+        "immutable: their steps, dependencies and step types cannot change in place. "
+        f"Either give the new version a new slug (e.g. {slug}_v2) and keep the old one "
+        "until its runs are done, or opt in to dropping and recreating it, which deletes "
+        f"its runs: alembic_ext.register_flows(..., recreate={{{slug!r}}})"
+    )
+
+
+_TYPE = "pgflow_flow"  # the object type include_name / include_object hooks receive
+
+
+def _include_name(autogen_context: AutogenContext, slug: str) -> bool:
+    # Alembic types these hooks for its own object kinds; pgflow flows are another
+    return autogen_context.run_name_filters(slug, _TYPE, {"schema_name": "pgflow"})  # type: ignore[arg-type]
+
+
+def _include_object(autogen_context: AutogenContext, flow: Flow, reflected: bool) -> bool:
+    return autogen_context.run_object_filters(flow, flow.slug, _TYPE, reflected, None)  # type: ignore[arg-type]
+
+
+@comparators.dispatch_for("schema", qualifier="postgresql")
+def compare_pgflow(autogen_context: AutogenContext, upgrade_ops: UpgradeOps, schemas: Any) -> None:
+    registry = _registration.registry
+    conn = autogen_context.connection
+    if registry is None or conn is None:
+        return
+    ops: list[Any] = []
+    status = check(conn)
+    installed = status.state is not SchemaState.MISSING
+    if not installed:
+        if not _registration.install_schema:
+            return
+        ops.append(
+            InstallPgflowOp(
+                LATEST_VERSION,
+                pgmq=status.pgmq.startswith("missing"),
+                realtime_send=status.realtime_send == "missing",
+            )
+        )
+    for flow in registry:
+        if not _include_name(autogen_context, flow.slug):
+            continue
+        stored = read_flow_shape(conn, flow.slug) if installed else None
+        if not _include_object(autogen_context, flow, stored is not None):
+            continue
+        if stored is None:
+            ops.append(CreateFlowOp(flow.slug, compile_flow(flow)))
+            continue
+        diff = diff_shapes(flow.shape(), stored)
+        if diff.structural:
+            if flow.slug not in _registration.recreate:
+                raise _structure_error(flow.slug, list(diff.structural))
+            ops.append(DropFlowOp(flow.slug, compile_shape(stored)))
+            ops.append(CreateFlowOp(flow.slug, compile_flow(flow)))
+            continue
+        for change in diff.options:
+            ops.append(
+                SetFlowOptionOp(flow.slug, change.step, change.option, change.code, change.database)
+            )
+    if installed and _registration.drop_unregistered:
+        for slug in list_flow_slugs(conn):
+            if slug in registry or not _include_name(autogen_context, slug):
+                continue
+            stored = read_flow_shape(conn, slug)
+            assert stored is not None
+            ops.append(DropFlowOp(slug, compile_shape(stored)))
+    upgrade_ops.ops.extend(ops)
