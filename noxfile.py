@@ -21,6 +21,15 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+@nox.parametrize("alembic", ["1.13.3", "latest"])
+def alembic_compat(session: nox.Session, alembic: str) -> None:
+    """The Alembic integration on the oldest supported and the newest Alembic."""
+    session.install("-e", ".[dev]")
+    session.install("alembic" if alembic == "latest" else f"alembic=={alembic}")
+    session.run("pytest", "tests/test_alembic.py", "tests/test_tables.py")
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", ".")

@@ -209,3 +209,49 @@ def test_autogenerate_round_trip(empty_db_url: str, tmp_path: Path, template: st
         )
     engine.dispose()
     assert leftovers == []
+
+
+def _ops(url: str, **opts: object) -> list[tuple[object, ...]]:
+    import sqlalchemy as sa
+    from alembic.autogenerate import produce_migrations
+    from alembic.migration import MigrationContext
+
+    engine = sync_engine(url)
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts=dict(opts))
+        script = produce_migrations(context, sa.MetaData())
+    engine.dispose()
+    return [op.to_diff_tuple() for op in script.upgrade_ops.ops]  # type: ignore[union-attr]
+
+
+def test_include_hooks_and_dropping_unregistered_flows(db_url: str) -> None:
+    import alembic_ext
+    from pgflow_sa import Flow, FlowRegistry, compile_flow
+
+    kept, skipped, stray = Flow("kept"), Flow("skipped"), Flow("stray")
+    for flow in (kept, skipped, stray):
+        flow.step(slug="only")(lambda i, c: i)
+    engine = sync_engine(db_url)
+    with engine.begin() as conn:
+        for statement in compile_flow(stray):
+            conn.exec_driver_sql(statement)
+    engine.dispose()
+    try:
+        alembic_ext.register_flows(FlowRegistry(kept, skipped))
+        assert _ops(db_url) == [("create_flow", "kept"), ("create_flow", "skipped")]
+        assert _ops(db_url, include_name=lambda name, type_, parent: name != "skipped") == [
+            ("create_flow", "kept")
+        ]
+        assert _ops(
+            db_url, include_object=lambda obj, name, type_, reflected, compare_to: name != "kept"
+        ) == [("create_flow", "skipped")]
+        alembic_ext.register_flows(FlowRegistry(kept, skipped), drop_unregistered=True)
+        assert _ops(db_url) == [
+            ("create_flow", "kept"),
+            ("create_flow", "skipped"),
+            ("drop_flow", "stray"),
+        ]
+    finally:
+        from alembic_ext.comparator import _registration
+
+        _registration.registry = None  # later autogenerate runs in this process see no flows
