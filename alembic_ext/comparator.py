@@ -74,11 +74,14 @@ def _include_object(autogen_context: AutogenContext, flow: Flow, reflected: bool
     return autogen_context.run_object_filters(flow, flow.slug, _TYPE, reflected, None)  # type: ignore[arg-type]
 
 
-@comparators.dispatch_for("schema", qualifier="postgresql")
+# Registered under the default qualifier, checking the dialect itself: on Alembic
+# before 1.18 a "postgresql"-qualified "schema" comparator would replace Alembic's
+# own table comparison instead of running beside it.
+@comparators.dispatch_for("schema")
 def compare_pgflow(autogen_context: AutogenContext, upgrade_ops: UpgradeOps, schemas: Any) -> None:
     registry = _registration.registry
     conn = autogen_context.connection
-    if registry is None or conn is None:
+    if registry is None or conn is None or conn.dialect.name != "postgresql":
         return
     ops: list[Any] = []
     status = check(conn)

@@ -81,7 +81,11 @@ class Project:
             + "\n"
         )
         env = root / "migrations" / "env.py"
-        text = env.read_text().replace("target_metadata = None", "target_metadata = _sa.MetaData()")
+        text = env.read_text().replace(
+            "target_metadata = None",
+            "target_metadata = _sa.MetaData()\n"
+            "_sa.Table('notes', target_metadata, _sa.Column('id', _sa.Integer, primary_key=True))",
+        )
         env.write_text(
             text.replace(
                 "from alembic import context\n", "from alembic import context\n" + ENV_HOOK, 1
@@ -147,6 +151,7 @@ def test_autogenerate_round_trip(empty_db_url: str, tmp_path: Path, template: st
     assert "op.invoke(pgflow_ops.CreateFlowOp('orders', [" in upgrade
     assert "\"SELECT pgflow.create_flow('orders', timeout => 30);\"," in upgrade
     assert upgrade.index("InstallPgflowOp") < upgrade.index("CreateFlowOp")
+    assert "op.create_table('notes'" in upgrade  # the app's own tables are still compared
     downgrade = first.split("def downgrade()", 1)[1]
     assert downgrade.index("DropFlowOp('orders'") < downgrade.index("UninstallPgflowOp")
 
@@ -207,8 +212,10 @@ def test_autogenerate_round_trip(empty_db_url: str, tmp_path: Path, template: st
             .scalars()
             .all()
         )
+        notes = conn.exec_driver_sql("SELECT to_regclass('public.notes')").scalar()
     engine.dispose()
     assert leftovers == []
+    assert notes is None
 
 
 def _ops(url: str, **opts: object) -> list[tuple[object, ...]]:
