@@ -211,3 +211,27 @@ def complete_many(keys: Sequence[tuple[uuid.UUID, str, int]], outputs: Sequence[
         bindparam("task_indexes", [k[2] for k in keys], type_=ARRAY(Integer())),
         bindparam("outputs", list(outputs), type_=JSONB(none_as_null=False)),
     )
+
+
+def read_run_messages(queue: str, run_id: uuid.UUID, qty: int = 1000) -> Any:
+    """Visible messages of one run only (pgmq's conditional read), hidden for an hour."""
+    return text("SELECT msg_id FROM pgmq.read(:queue, 3600, :qty, :filter)").bindparams(
+        bindparam("queue", queue, type_=Text()),
+        bindparam("qty", qty, type_=Integer()),
+        bindparam("filter", {"run_id": str(run_id)}, type_=JSONB()),
+    )
+
+
+def reveal_run_messages(queue: str, run_id: uuid.UUID) -> Any:
+    """Make one run's waiting messages (retry or start delays) visible now."""
+    from ..dsl import is_safe_slug
+
+    if not is_safe_slug(queue):
+        raise ValueError(f"not a pgflow queue name: {queue!r}")
+    return text(
+        f"SELECT pgmq.set_vt(:queue, msg_id, 0) FROM pgmq.q_{queue.lower()} "
+        "WHERE message @> :filter"
+    ).bindparams(
+        bindparam("queue", queue, type_=Text()),
+        bindparam("filter", {"run_id": str(run_id)}, type_=JSONB()),
+    )
