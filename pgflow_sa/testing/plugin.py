@@ -1,0 +1,172 @@
+"""pytest plugin (loaded automatically where pgflow-sa is installed).
+
+Override ``pgflow_flows`` in your conftest.py to return your flows::
+
+    @pytest.fixture(scope="session")
+    def pgflow_flows():
+        return myapp.flows.registry
+
+Fixtures:
+
+- ``pgflow_database_url`` — a fresh database per test with pgmq, pgflow and your
+  flows, cloned from a template built once per session, on
+  ``PGFLOW_SA_TEST_DATABASE_URL`` or else an embedded PostgreSQL;
+- ``pgflow_engine`` — an AsyncEngine (asyncpg) on that database;
+- ``pgflow_worker`` — a :class:`~pgflow_sa.worker.Worker` for your flows running on
+  the test's event loop (needs pytest-asyncio).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from ..compiler import compile_flow
+from ..config import to_sqlalchemy_url
+from ..embedded import EmbeddedServer
+from ..registry import FlowRegistry
+from ..schema import install_schema
+
+TEST_URL_ENV = "PGFLOW_SA_TEST_DATABASE_URL"
+
+
+def with_database(url: str, database: str) -> str:
+    """The same server URL pointing at another database, in libpq form."""
+    return (
+        make_url(url)
+        .set(database=database, drivername="postgresql")
+        .render_as_string(hide_password=False)
+    )
+
+
+class DatabaseFactory:
+    """Creates databases on a test server and drops them again."""
+
+    def __init__(self, server_url: str) -> None:
+        self.server_url = server_url
+        self.created: list[str] = []
+
+    def _admin(self, statement: Any) -> None:
+        import psycopg
+
+        with psycopg.connect(self.server_url, autocommit=True) as conn:
+            conn.execute(statement)
+
+    def create(self, template: str | None = None, prefix: str = "pgflow_sa_t") -> str:
+        from psycopg import sql
+
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        if template:
+            statement = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(template)
+            )
+        self._admin(statement)
+        self.created.append(name)
+        return with_database(self.server_url, name)
+
+    def drop(self, url: str) -> None:
+        from psycopg import sql
+
+        name = make_url(url).database
+        self._admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        if name in self.created:
+            self.created.remove(name)
+
+    def drop_all(self) -> None:
+        for name in reversed(list(self.created)):
+            self.drop(with_database(self.server_url, name))
+
+
+def server_url_for_tests(tmp_dir: Any) -> tuple[str, EmbeddedServer | None]:
+    """``PGFLOW_SA_TEST_DATABASE_URL`` (libpq form), else an embedded server in ``tmp_dir``."""
+    configured = os.environ.get(TEST_URL_ENV, "").strip()
+    if configured:
+        libpq = to_sqlalchemy_url(configured).set(drivername="postgresql")
+        return libpq.render_as_string(hide_password=False), None
+    server = EmbeddedServer(tmp_dir)
+    return server.start(), server
+
+
+@pytest.fixture(scope="session")
+def pgflow_flows() -> FlowRegistry:
+    """Your flows: override this fixture in conftest.py."""
+    raise pytest.UsageError(
+        "override the pgflow_flows fixture in your conftest.py to return your flows "
+        "(a FlowRegistry, a Flow or a list of Flows)"
+    )
+
+
+@pytest.fixture(scope="session")
+def pgflow_databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DatabaseFactory]:
+    url, server = server_url_for_tests(tmp_path_factory.mktemp("pgflow-embedded"))
+    factory = DatabaseFactory(url)
+    yield factory
+    factory.drop_all()
+    if server is not None:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def pgflow_template(pgflow_databases: DatabaseFactory, pgflow_flows: Any) -> str:
+    """Name of the session's template database: pgflow installed, your flows created."""
+    import psycopg
+
+    url = pgflow_databases.create(prefix="pgflow_sa_tpl")
+    install_schema(url)
+    with psycopg.connect(url) as conn:
+        for flow in FlowRegistry.of(pgflow_flows):
+            for statement in compile_flow(flow):
+                conn.execute(statement)
+    name = make_url(url).database
+    assert name is not None
+    return name
+
+
+@pytest.fixture
+def pgflow_database_url(pgflow_databases: DatabaseFactory, pgflow_template: str) -> Iterator[str]:
+    url = pgflow_databases.create(template=pgflow_template)
+    yield url
+    pgflow_databases.drop(url)
+
+
+try:
+    import pytest_asyncio
+except ImportError:  # pragma: no cover - the async fixtures need pytest-asyncio
+    pass
+else:
+
+    @pytest_asyncio.fixture
+    async def pgflow_engine(pgflow_database_url: str) -> AsyncIterator[Any]:
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        engine = create_async_engine(to_sqlalchemy_url(pgflow_database_url, "asyncpg"))
+        yield engine
+        await engine.dispose()
+
+    @pytest_asyncio.fixture
+    async def pgflow_worker(pgflow_engine: Any, pgflow_flows: Any) -> AsyncIterator[Any]:
+        import asyncio
+
+        from ..worker import Worker, WorkerSettings
+
+        worker = Worker(
+            pgflow_flows,
+            engine=pgflow_engine,
+            settings=WorkerSettings(
+                poll_interval=0.2, fallback_poll_interval=0.02, shutdown_timeout=5
+            ),
+        )
+        task = asyncio.create_task(worker.run())
+        while worker.ready is None or not worker.ready.is_set():
+            if task.done():
+                await task
+            await asyncio.sleep(0.01)
+        yield worker
+        worker.stop()
+        await asyncio.wait_for(task, 30)
