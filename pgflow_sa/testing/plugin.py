@@ -74,6 +74,7 @@ class DatabaseFactory:
         from psycopg import sql
 
         name = make_url(url).database
+        assert name is not None
         self._admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
         if name in self.created:
             self.created.remove(name)
