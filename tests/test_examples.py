@@ -36,3 +36,14 @@ def test_quickstart(empty_db_url: str, tmp_path: Path) -> None:
     )
     assert again.returncode == 0, again.stderr
     assert again.stdout.splitlines()[1] == "Hello, Ada Lovelace!"
+
+
+def test_docker_app_flows_compile() -> None:
+    """The flows the docker images serve by default are importable and valid."""
+    from pgflow_sa import compile_flow, load_registry
+
+    registry = load_registry("examples.docker_flows:registry")
+    assert compile_flow(registry.get("docker_hello")) == [
+        "SELECT pgflow.create_flow('docker_hello');",
+        "SELECT pgflow.add_step('docker_hello', 'greet');",
+    ]
