@@ -47,3 +47,120 @@ def test_docker_app_flows_compile() -> None:
         "SELECT pgflow.create_flow('docker_hello');",
         "SELECT pgflow.add_step('docker_hello', 'greet');",
     ]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _http(
+    method: str, url: str, body: dict[str, object] | None = None, timeout: float = 30
+) -> tuple[int, str]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_fastapi_app(empty_db_url: str, tmp_path: Path) -> None:
+    import json
+    import os
+    import time
+
+    app_dir = ROOT / "examples" / "fastapi_app"
+    bin_dir = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGFLOW_SA_")}
+    env.update(
+        {
+            "DATABASE_URL": empty_db_url,
+            "PGFLOW_SA_DATABASE_URL": empty_db_url,
+            "PYTHONPATH": str(app_dir),
+        }
+    )
+    migrated = subprocess.run(
+        [str(bin_dir / "alembic"), "upgrade", "head"],
+        cwd=app_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert migrated.returncode == 0, migrated.stderr
+    port = _free_port()
+    logs = (tmp_path / "server.log").open("w"), (tmp_path / "worker.log").open("w")
+    server = subprocess.Popen(
+        [str(bin_dir / "uvicorn"), "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=app_dir,
+        env=env,
+        stdout=logs[0],
+        stderr=subprocess.STDOUT,
+    )
+    worker = subprocess.Popen(
+        [str(bin_dir / "pgflow-sa"), "worker", "app.flows:registry"],
+        cwd=app_dir,
+        env=env,
+        stdout=logs[1],
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                if _http("GET", f"{base}/docs", timeout=1)[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.05)
+        status, text = _http("POST", f"{base}/articles", {"url": "https://example.com/a"})
+        assert status == 201, text
+        created = json.loads(text)
+        status, text = _http("GET", f"{base}/runs/{created['run_id']}?wait=30")
+        assert status == 200, text
+        result = json.loads(text)
+        assert result["status"] == "completed"
+        assert result["output"] == {
+            "publish": {
+                "summary": "https://example.com/a / Postgres / Python",
+                "keywords": ["https://example.com/a", "postgres", "workflows"],
+            }
+        }
+        # the stream of a finished run ends with its final event
+        status, text = _http("GET", f"{base}/runs/{created['run_id']}/events")
+        assert status == 200
+        assert text.strip().splitlines()[0] == "event: run:completed"
+        # a second article, streamed while it runs
+        status, text = _http("POST", f"{base}/articles", {"url": "https://example.com/b"})
+        second = json.loads(text)
+        status, text = _http("GET", f"{base}/runs/{second['run_id']}/events")
+        events = [
+            line[len("event: ") :] for line in text.splitlines() if line.startswith("event: ")
+        ]
+        assert events[-1] == "run:completed"
+        import psycopg
+
+        with psycopg.connect(empty_db_url) as conn:
+            rows = conn.execute("SELECT url, run_id::text FROM articles ORDER BY id").fetchall()
+        assert rows == [
+            ("https://example.com/a", created["run_id"]),
+            ("https://example.com/b", second["run_id"]),
+        ]
+    finally:
+        server.terminate()
+        worker.terminate()
+        server.wait(30)
+        assert worker.wait(30) == 0
+        for log in logs:
+            log.close()
