@@ -164,3 +164,89 @@ def test_fastapi_app(empty_db_url: str, tmp_path: Path) -> None:
         assert worker.wait(30) == 0
         for log in logs:
             log.close()
+
+
+def test_flask_app(empty_db_url: str, tmp_path: Path) -> None:
+    import json
+    import os
+    import time
+
+    import psycopg
+
+    app_dir = ROOT / "examples" / "flask_app"
+    bin_dir = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGFLOW_SA_")}
+    env.update(
+        {
+            "DATABASE_URL": empty_db_url,
+            "PGFLOW_SA_DATABASE_URL": empty_db_url,
+            "PYTHONPATH": str(app_dir),
+        }
+    )
+    migrated = subprocess.run(
+        [str(bin_dir / "alembic"), "upgrade", "head"],
+        cwd=app_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert migrated.returncode == 0, migrated.stderr
+    port = _free_port()
+    logs = (tmp_path / "server.log").open("w"), (tmp_path / "worker.log").open("w")
+    server = subprocess.Popen(
+        [
+            str(bin_dir / "flask"),
+            "--app",
+            "shop.web:app",
+            "run",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=app_dir,
+        env=env,
+        stdout=logs[0],
+        stderr=subprocess.STDOUT,
+    )
+    worker = subprocess.Popen(
+        [str(bin_dir / "pgflow-sa"), "worker", "shop.flows:registry"],
+        cwd=app_dir,
+        env=env,
+        stdout=logs[1],
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                _http("GET", f"{base}/runs/00000000-0000-0000-0000-000000000000", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.05)
+        status, text = _http("POST", f"{base}/users", {"email": "  Ada@Example.COM "})
+        assert status == 201, (tmp_path / "server.log").read_text()
+        created = json.loads(text)
+        status, text = _http("GET", f"{base}/runs/{created['run_id']}?wait=30")
+        assert status == 200, text
+        assert json.loads(text) == {
+            "status": "completed",
+            "output": {"welcome": "Welcome, ada@example.com!"},
+            "error": None,
+        }
+        with psycopg.connect(empty_db_url) as conn:
+            users = conn.execute("SELECT email, signup_run FROM users").fetchall()
+            welcomes = conn.execute("SELECT email, message FROM welcomes").fetchall()
+        assert users == [("  Ada@Example.COM ", created["run_id"])]
+        # written by the handler through ctx.session, committed with the completion
+        assert welcomes == [("ada@example.com", "Welcome, ada@example.com!")]
+        assert _http("GET", f"{base}/runs/{'0' * 8}-0000-0000-0000-{'0' * 12}")[0] == 404
+    finally:
+        server.terminate()
+        worker.terminate()
+        server.wait(30)
+        assert worker.wait(30) == 0
+        for log in logs:
+            log.close()
