@@ -15,7 +15,6 @@ from sqlalchemy import (
     bindparam,
     column,
     func,
-    insert,
     select,
     text,
     tuple_,
@@ -23,7 +22,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
-from sqlalchemy.sql import Insert, Select, Update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.sql import Select, Update
 
 from . import tables
 
@@ -36,9 +36,12 @@ step_tasks, steps, flows, runs, workers = (
 )
 
 
-def register_workers(rows: Sequence[dict[str, Any]]) -> Insert:
-    """One pgflow.workers row per served queue: worker_id, queue_name, function_name."""
-    return insert(workers).values(list(rows))
+def register_workers(rows: Sequence[dict[str, Any]]) -> Any:
+    """One pgflow.workers row per served queue: worker_id, queue_name, function_name
+    (idempotent, so a retried registration is harmless)."""
+    return (
+        pg_insert(workers).values(list(rows)).on_conflict_do_nothing(index_elements=["worker_id"])
+    )
 
 
 def heartbeat(worker_ids: Sequence[uuid.UUID]) -> Update:

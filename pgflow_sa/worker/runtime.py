@@ -61,6 +61,14 @@ TaskKey = tuple[uuid.UUID, str, int]
 _DB_ERRORS = (DBAPIError, OSError, ConnectionError)
 
 
+#: how long a worker keeps retrying an unreachable database while starting
+STARTUP_RETRY_SECONDS = 30.0
+
+
+class _StartupConnectionError(Exception):
+    """A connection problem while starting (retried)."""
+
+
 class WorkerStartupError(PgflowSaError):
     """The worker cannot serve its flows; ``details`` says why, line by line."""
 
@@ -270,6 +278,22 @@ class Worker:
         return next(iter(self.worker_ids.values()))
 
     async def _startup(self) -> None:
+        """Check the flows and register; a lost or refused connection is retried with
+        backoff for up to STARTUP_RETRY_SECONDS before the worker gives up."""
+        deadline = time.monotonic() + STARTUP_RETRY_SECONDS
+        backoff = 0.1
+        while True:
+            try:
+                await self._startup_once()
+                return
+            except _StartupConnectionError as exc:
+                if time.monotonic() + backoff > deadline:
+                    raise WorkerStartupError(str(exc)) from exc.__cause__
+                logger.warning("%s; retrying in %.1f s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.settings.max_backoff)
+
+    async def _startup_once(self) -> None:
         problems: list[str] = []
         missing: list[str] = []
         try:
@@ -294,8 +318,13 @@ class Worker:
                 f"({first_line(exc)}): run `pgflow-sa install --database-url URL`"
             ) from exc
         except _DB_ERRORS as exc:
+            if _connection_problem(exc):
+                raise _StartupConnectionError(
+                    f"cannot use the database at {mask_password(self.engine.url)}: "
+                    f"{first_line(exc)}"
+                ) from exc
             raise WorkerStartupError(
-                f"cannot use the database at {mask_password(self.engine.url)}: {first_line(exc)}"
+                f"the database at {mask_password(self.engine.url)} refused: {first_line(exc)}"
             ) from exc
         if missing:
             names = ", ".join(repr(m) for m in missing)
@@ -312,15 +341,22 @@ class Worker:
                 "update options with a migration)",
                 problems,
             )
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                worker_queries.register_workers(
-                    [
-                        {"worker_id": wid, "queue_name": slug, "function_name": self.name}
-                        for slug, wid in self.worker_ids.items()
-                    ]
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    worker_queries.register_workers(
+                        [
+                            {"worker_id": wid, "queue_name": slug, "function_name": self.name}
+                            for slug, wid in self.worker_ids.items()
+                        ]
+                    )
                 )
-            )
+        except _DB_ERRORS as exc:
+            if _connection_problem(exc):
+                raise _StartupConnectionError(
+                    f"cannot register the worker: {first_line(exc)}"
+                ) from exc
+            raise
         if self.settings.use_notifications:
             await self._open_listener()
 
