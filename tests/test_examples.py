@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,20 +79,16 @@ def _http(
         return exc.code, exc.read().decode()
 
 
-def test_fastapi_app(empty_db_url: str, tmp_path: Path) -> None:
-    import json
-    import os
-    import time
-
-    app_dir = ROOT / "examples" / "fastapi_app"
+@contextlib.contextmanager
+def _serving(
+    app_dir: Path, db_url: str, logs: Path, server_args: list[str], worker_app: str
+) -> Iterator[str]:
+    """Apply the example's migrations, serve it on loopback and run its worker; yields
+    the base URL. The worker must exit 0 on SIGTERM."""
     bin_dir = Path(sys.executable).parent
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGFLOW_SA_")}
     env.update(
-        {
-            "DATABASE_URL": empty_db_url,
-            "PGFLOW_SA_DATABASE_URL": empty_db_url,
-            "PYTHONPATH": str(app_dir),
-        }
+        {"DATABASE_URL": db_url, "PGFLOW_SA_DATABASE_URL": db_url, "PYTHONPATH": str(app_dir)}
     )
     migrated = subprocess.run(
         [str(bin_dir / "alembic"), "upgrade", "head"],
@@ -101,29 +101,56 @@ def test_fastapi_app(empty_db_url: str, tmp_path: Path) -> None:
     )
     assert migrated.returncode == 0, migrated.stderr
     port = _free_port()
-    logs = (tmp_path / "server.log").open("w"), (tmp_path / "worker.log").open("w")
+    server_log, worker_log = (logs / "server.log").open("w"), (logs / "worker.log").open("w")
     server = subprocess.Popen(
-        [str(bin_dir / "uvicorn"), "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
+        [
+            str(bin_dir / server_args[0]),
+            *server_args[1:],
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
         cwd=app_dir,
         env=env,
-        stdout=logs[0],
+        stdout=server_log,
         stderr=subprocess.STDOUT,
     )
     worker = subprocess.Popen(
-        [str(bin_dir / "pgflow-sa"), "worker", "app.flows:registry"],
+        [str(bin_dir / "pgflow-sa"), "worker", worker_app],
         cwd=app_dir,
         env=env,
-        stdout=logs[1],
+        stdout=worker_log,
         stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(200):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
             try:
-                if _http("GET", f"{base}/docs", timeout=1)[0] == 200:
-                    break
+                _http("GET", f"{base}/runs/00000000-0000-0000-0000-000000000000", timeout=1)
+                break
             except OSError:
                 time.sleep(0.05)
+        yield base
+    finally:
+        server.terminate()
+        worker.terminate()
+        server.wait(30)
+        assert worker.wait(30) == 0, (logs / "worker.log").read_text()
+        server_log.close()
+        worker_log.close()
+
+
+def test_fastapi_app(empty_db_url: str, tmp_path: Path) -> None:
+    import json
+
+    import psycopg
+
+    app = ROOT / "examples" / "fastapi_app"
+    with _serving(
+        app, empty_db_url, tmp_path, ["uvicorn", "app.main:app"], "app.flows:registry"
+    ) as base:
         status, text = _http("POST", f"{base}/articles", {"url": "https://example.com/a"})
         assert status == 201, text
         created = json.loads(text)
@@ -149,83 +176,22 @@ def test_fastapi_app(empty_db_url: str, tmp_path: Path) -> None:
             line[len("event: ") :] for line in text.splitlines() if line.startswith("event: ")
         ]
         assert events[-1] == "run:completed"
-        import psycopg
-
         with psycopg.connect(empty_db_url) as conn:
             rows = conn.execute("SELECT url, run_id::text FROM articles ORDER BY id").fetchall()
         assert rows == [
             ("https://example.com/a", created["run_id"]),
             ("https://example.com/b", second["run_id"]),
         ]
-    finally:
-        server.terminate()
-        worker.terminate()
-        server.wait(30)
-        assert worker.wait(30) == 0
-        for log in logs:
-            log.close()
 
 
 def test_flask_app(empty_db_url: str, tmp_path: Path) -> None:
     import json
-    import os
-    import time
 
     import psycopg
 
-    app_dir = ROOT / "examples" / "flask_app"
-    bin_dir = Path(sys.executable).parent
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PGFLOW_SA_")}
-    env.update(
-        {
-            "DATABASE_URL": empty_db_url,
-            "PGFLOW_SA_DATABASE_URL": empty_db_url,
-            "PYTHONPATH": str(app_dir),
-        }
-    )
-    migrated = subprocess.run(
-        [str(bin_dir / "alembic"), "upgrade", "head"],
-        cwd=app_dir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert migrated.returncode == 0, migrated.stderr
-    port = _free_port()
-    logs = (tmp_path / "server.log").open("w"), (tmp_path / "worker.log").open("w")
-    server = subprocess.Popen(
-        [
-            str(bin_dir / "flask"),
-            "--app",
-            "shop.web:app",
-            "run",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        cwd=app_dir,
-        env=env,
-        stdout=logs[0],
-        stderr=subprocess.STDOUT,
-    )
-    worker = subprocess.Popen(
-        [str(bin_dir / "pgflow-sa"), "worker", "shop.flows:registry"],
-        cwd=app_dir,
-        env=env,
-        stdout=logs[1],
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            try:
-                _http("GET", f"{base}/runs/00000000-0000-0000-0000-000000000000", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.05)
+    app = ROOT / "examples" / "flask_app"
+    server = ["flask", "--app", "shop.web:app", "run"]
+    with _serving(app, empty_db_url, tmp_path, server, "shop.flows:registry") as base:
         status, text = _http("POST", f"{base}/users", {"email": "  Ada@Example.COM "})
         assert status == 201, (tmp_path / "server.log").read_text()
         created = json.loads(text)
@@ -243,10 +209,3 @@ def test_flask_app(empty_db_url: str, tmp_path: Path) -> None:
         # written by the handler through ctx.session, committed with the completion
         assert welcomes == [("ada@example.com", "Welcome, ada@example.com!")]
         assert _http("GET", f"{base}/runs/{'0' * 8}-0000-0000-0000-{'0' * 12}")[0] == 404
-    finally:
-        server.terminate()
-        worker.terminate()
-        server.wait(30)
-        assert worker.wait(30) == 0
-        for log in logs:
-            log.close()
