@@ -11,17 +11,17 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from sqlalchemy.ext.asyncio import create_async_engine
+
 from pgflow_sa import (
     Context,
-    EmbeddedServer,
     Flow,
+    deploy_flows,
+    get_database_url,
     install_schema,
-    resolve_database_url,
     start_flow_and_wait_async,
     to_sqlalchemy_url,
 )
-from pgflow_sa.config import default_data_dir
-from pgflow_sa.schema.deploy import deploy_flows
 from pgflow_sa.worker import Worker
 
 greeting = Flow("quickstart")
@@ -43,16 +43,9 @@ def greet(input: dict[str, Any], ctx: Context) -> str:
 
 
 async def main() -> None:
-    resolved = resolve_database_url()
-    url = resolved.url if resolved else EmbeddedServer(default_data_dir()).start()
-    install_schema(url)
-
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    from pgflow_sa._db import sync_engine
-
-    with sync_engine(url).begin() as conn:
-        deploy_flows(conn, [greeting])
+    url = get_database_url()  # PGFLOW_SA_DATABASE_URL, else the embedded server
+    install_schema(url)  # pgmq and the pgflow schema, where missing
+    deploy_flows(url, greeting)  # the flow's rows, where missing
 
     engine = create_async_engine(to_sqlalchemy_url(url, "asyncpg"))
     worker = Worker(greeting, engine=engine)

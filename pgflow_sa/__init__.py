@@ -11,7 +11,7 @@ from .client import (
     start_flow_async,
 )
 from .compiler import compile_flow
-from .config import resolve_database_url, to_libpq_url, to_sqlalchemy_url
+from .config import get_database_url, resolve_database_url, to_libpq_url, to_sqlalchemy_url
 from .context import Context
 from .dsl import Flow, StepDefinition
 from .embedded import EmbeddedServer
@@ -48,6 +48,7 @@ from .schema import (
     install_schema,
     tables,
 )
+from .schema.deploy import DeployReport, FlowConflictError, deploy_flows
 from .shape import FlowShape, ShapeDiff, StepShape, diff_shapes
 from .waiting import (
     RunWatcher,
@@ -65,9 +66,11 @@ __all__ = [
     "ConfigurationError",
     "Context",
     "DatabaseUnavailableError",
+    "DeployReport",
     "EmbeddedServer",
     "EmbeddedServerError",
     "Flow",
+    "FlowConflictError",
     "FlowDefinitionError",
     "FlowNotFoundError",
     "FlowRegistry",
@@ -95,8 +98,10 @@ __all__ = [
     "__version__",
     "check_schema",
     "compile_flow",
+    "deploy_flows",
     "diff_shapes",
     "functions",
+    "get_database_url",
     "get_run",
     "get_run_async",
     "install_schema",

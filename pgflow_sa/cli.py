@@ -438,10 +438,7 @@ def flows_deploy(app: str, flow_slugs: tuple[str, ...], database_url: str | None
     error (pgflow flows cannot change shape in place).
     """
     chosen = _selected(load_registry(app), flow_slugs)
-    url = _database_url(database_url)
-    engine = sync_engine(url)
-    with database_errors(url, PgflowSaError), engine.begin() as conn:
-        report = deploy_flows(conn, chosen)
+    report = deploy_flows(_database_url(database_url), chosen)
     for slug in report.created:
         click.echo(f"created {slug}")
     for slug in report.unchanged:

@@ -133,3 +133,15 @@ def default_data_dir(cwd: Path | None = None) -> Path:
     if configured:
         return Path(configured).expanduser().resolve()
     return (cwd or Path.cwd()).resolve() / ".pgflow_sa"
+
+
+def get_database_url(explicit: str | None = None) -> str:
+    """The database to use, as the CLI picks it: ``explicit``, else
+    ``PGFLOW_SA_DATABASE_URL``, else ``[tool.pgflow-sa] database-url``, else the
+    embedded server (started if it is not running; files in :func:`default_data_dir`)."""
+    resolved = resolve_database_url(explicit)
+    if resolved is not None:
+        return resolved.url
+    from .embedded import EmbeddedServer
+
+    return EmbeddedServer(default_data_dir()).start()

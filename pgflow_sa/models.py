@@ -104,6 +104,19 @@ class Run(_Frozen):
     def finished(self) -> bool:
         return self.status.finished
 
+    def step(self, slug: str) -> StepState:
+        """The state of one step (``run.step("fetch").status``)."""
+        if self.steps is None:
+            raise LookupError(
+                f"run {self.run_id} was read without its steps; read it with get_run() "
+                "or wait_for_run() to have them"
+            )
+        for state in self.steps:
+            if state.step_slug == slug:
+                return state
+        known = ", ".join(state.step_slug for state in self.steps)
+        raise KeyError(f"run {self.run_id} of {self.flow_slug!r} has no step {slug!r} ({known})")
+
 
 class RunPage(_Frozen):
     """One page of :func:`pgflow_sa.list_runs`; pass ``next_cursor`` as ``after`` for

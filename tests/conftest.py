@@ -12,19 +12,17 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from pgflow_sa.schema import install_schema
-from pgflow_sa.testing.plugin import DatabaseFactory, server_url_for_tests
+from pgflow_sa.testing.plugin import DatabaseFactory, database_server_for_tests
 
 TEST_URL_ENV = "PGFLOW_SA_TEST_DATABASE_URL"
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server_url() -> Iterator[str]:
     """URL of the maintenance database of the test server."""
-    url, server = server_url_for_tests(tmp_path_factory.mktemp("embedded-pg"))
-    yield url
-    if server is not None:
-        server.stop()
+    with database_server_for_tests() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

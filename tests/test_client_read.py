@@ -105,6 +105,11 @@ async def test_completed_run_with_steps_tasks_and_outputs(engine: AsyncEngine) -
     )
     assert (total_state.output, total_state.attempts, total_state.initial_tasks) == (12, 1, 1)
     assert total_state.duration_seconds is not None and total_state.duration_seconds >= 0
+    assert run.step("total") is total_state
+    with pytest.raises(KeyError, match=r"has no step 'totl' \(double, total\)"):
+        run.step("totl")
+    with pytest.raises(LookupError, match="read without its steps"):
+        run.model_copy(update={"steps": None}).step("total")
 
 
 async def test_failed_run_carries_the_error(engine: AsyncEngine) -> None:

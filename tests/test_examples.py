@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from pgflow_sa import RunStatus, deploy_flows
+from pgflow_sa._db import sync_engine
+from pgflow_sa.testing import run_flow
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,6 +60,60 @@ def test_docker_app_flows_compile() -> None:
         "SELECT pgflow.create_flow('docker_hello');",
         "SELECT pgflow.add_step('docker_hello', 'greet');",
     ]
+
+
+@pytest.fixture
+def example_package(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str, str], Any]]:
+    """Import an example app's package (``app``, ``shop``) from its folder; modules of
+    the same name imported from elsewhere (tests/sample_project has a ``shop``) are set
+    aside meanwhile and put back afterwards."""
+    tops: set[str] = set()
+    saved: dict[str, Any] = {}
+
+    def load(folder: str, module: str) -> Any:
+        top = module.split(".")[0]
+        if top not in tops:
+            tops.add(top)
+            for name in [n for n in sys.modules if n.split(".")[0] == top]:
+                saved[name] = sys.modules.pop(name)
+        monkeypatch.syspath_prepend(str(ROOT / "examples" / folder))
+        return importlib.import_module(module)
+
+    yield load
+    for name in [n for n in sys.modules if n.split(".")[0] in tops]:
+        del sys.modules[name]
+    sys.modules.update(saved)
+
+
+def test_example_flows_with_the_testing_kit(
+    db_url: str, example_package: Callable[[str, str], Any]
+) -> None:
+    """The examples' flows, run in-process by the testing kit (as the apps' own unit
+    tests would): outputs, and the welcome row the Flask flow writes via ctx.session."""
+    articles = example_package("fastapi_app", "app.flows")
+    signup = example_package("flask_app", "shop.flows")
+    models = example_package("flask_app", "shop.models")
+    deploy_flows(db_url, [articles.article_flow, signup.signup])
+    engine = sync_engine(db_url)
+    models.Base.metadata.create_all(engine)
+
+    run = run_flow(db_url, articles.article_flow, {"article_id": 1, "url": "https://x.test/a"})
+    assert run.status is RunStatus.COMPLETED, run.error
+    assert run.output == {
+        "publish": {
+            "summary": "https://x.test/a / Postgres / Python",
+            "keywords": ["https://x.test/a", "postgres", "workflows"],
+        }
+    }
+    assert len(run.step("summarize").tasks) == 3
+
+    run = run_flow(db_url, signup.signup, {"email": "  Ada@Example.COM "}, fail={"welcome": 1})
+    assert run.status is RunStatus.COMPLETED, run.error
+    assert run.output == {"welcome": "Welcome, ada@example.com!"}
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(models.Welcome.email, models.Welcome.message)).all()
+    assert rows == [("ada@example.com", "Welcome, ada@example.com!")]
+    engine.dispose()
 
 
 def _free_port() -> int:

@@ -1,16 +1,38 @@
-"""The README's CLI reference lists exactly the commands and options the CLI has."""
+"""The README as a user meets it: its CLI reference matches the CLI, and every code
+block of its Reference runs, top to bottom, in a fresh project on a fresh database."""
 
 from __future__ import annotations
 
+import ast
+import asyncio
+import importlib
+import inspect
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
+import psycopg
+import pytest
 
 from pgflow_sa.cli import cli
+from pgflow_sa.testing.plugin import DatabaseFactory
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+from .helpers import BIN
+from .readme_blocks import README, Block, blocks, setup_commands
+
+ROOT = README.parent
+TEXT = README.read_text()
+
+# benchmarks/run.py runs for minutes at its defaults; the README test only checks that
+# the command works, on small sizes (its figures are not looked at)
+BENCH_SMOKE = ["--tasks", "200", "--seconds", "1", "--stale-rate", "20", "--stale-seconds", "1"]
 
 
 def _commands(command: click.Command, path: list[str]) -> Iterator[tuple[str, list[str]]]:
@@ -29,7 +51,7 @@ def _commands(command: click.Command, path: list[str]) -> Iterator[tuple[str, li
 
 
 def test_cli_reference_matches_the_cli() -> None:
-    section = README.split("### CLI reference", 1)[1].split("\n### ", 1)[0]
+    section = TEXT.split("### CLI reference", 1)[1].split("\n### ", 1)[0]
     rows = {}
     for line in section.splitlines():
         match = re.match(r"\| `pgflow-sa ([a-z -]+?)(?: [A-Z\[].*?)?` \| (.*?) \|", line)
@@ -39,3 +61,298 @@ def test_cli_reference_matches_the_cli() -> None:
     assert set(rows) == set(actual)
     for name, options in actual.items():
         assert sorted(rows[name]) == sorted(options), name
+
+
+def _section(title: str) -> str:
+    return TEXT.split(f"### {title}\n", 1)[1].split("\n### ", 1)[0]
+
+
+def test_every_environment_variable_is_documented() -> None:
+    table = _section("Environment variables")
+    sources = [*ROOT.glob("pgflow_sa/**/*.py"), *ROOT.glob("benchmarks/*.py")]
+    used = {
+        name
+        for path in sources
+        for name in re.findall(r"\bPGFLOW_SA_[A-Z_]+\b", path.read_text())
+        if name != "PGFLOW_SA_SCHEMA"  # a constant (the schema's name), not a variable
+    }
+    documented = set(re.findall(r"`(PGFLOW_SA_[A-Z_]+)(?:<SETTING>)?`", table))
+    assert "PGFLOW_SA_DATABASE_URL" in used
+    # worker settings are covered by their prefix row (and the settings table below)
+    assert "PGFLOW_SA_WORKER_" in documented
+    missing = {n for n in used if not n.startswith("PGFLOW_SA_WORKER_")} - documented
+    assert missing == set(), f"not in the README's Environment variables table: {missing}"
+
+
+def test_worker_settings_table_matches_the_settings() -> None:
+    """Every WorkerSettings field has a row with its env var and its real default."""
+    from dataclasses import fields
+
+    from pgflow_sa.worker import WorkerSettings
+    from pgflow_sa.worker.settings import ENV_PREFIX
+
+    rows = {}
+    for line in _section("Running a worker").splitlines():
+        match = re.match(r"\| `(\w+)`.*? \| `(\w+)` \| (\S+) \|$", line)
+        if match:
+            rows[match.group(1)] = (match.group(2), match.group(3))
+    defaults = WorkerSettings()
+    assert set(rows) == {f.name for f in fields(WorkerSettings)}
+    for f in fields(WorkerSettings):
+        env, shown = rows[f.name]
+        assert env == ENV_PREFIX + f.name.upper(), f.name
+        value = getattr(defaults, f.name)
+        if isinstance(value, bool):
+            assert shown == str(value).lower(), f.name
+        elif isinstance(value, (int, float)):
+            assert float(shown) == value, f.name
+        else:
+            assert shown == value, f.name
+
+
+def test_every_code_block_is_run_by_a_test_or_ci() -> None:
+    """Blocks live in "Set up" (run verbatim by .ci/run) or in "Reference" (run by the
+    test below); anything else would go unexercised."""
+    found = blocks()
+    assert found, "no code blocks found in README.md"
+    elsewhere = [b for b in found if b.chapter not in ("Set up", "Reference")]
+    assert elsewhere == [], f"code blocks outside Set up and Reference: {elsewhere}"
+    assert {b.lang for b in found} <= {"python", "sh"}, "only python and sh blocks are run"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert len(setup_commands()) == 2
+    for number in (1, 2):
+        assert f'"$(python3 tests/readme_blocks.py setup {number})"' in ci, number
+
+
+class ReadmeRun:
+    """Runs the Reference's blocks in order in one project folder and namespace."""
+
+    def __init__(self, project: Path, env: dict[str, str], alembic_url: str) -> None:
+        self.project = project
+        self.env = env
+        self.alembic_url = alembic_url
+        self.loop = asyncio.new_event_loop()
+        self.namespace: dict[str, Any] = {"__name__": "readme"}
+        self.background: list[tuple[Block, subprocess.Popen[str], Path]] = []
+        self.modules: list[str] = []
+
+    def where(self, block: Block) -> str:
+        return f"README.md:{block.line} ({block.section})"
+
+    def run(self, block: Block) -> None:
+        began = time.monotonic()
+        self._run(block)
+        print(f"{self.where(block)}: {time.monotonic() - began:.1f} s")
+
+    def _run(self, block: Block) -> None:
+        target = block.target
+        if target is not None:
+            self.write(block, *target)
+        elif block.lang == "python":
+            self.python(block)
+        elif block.lang == "sh":
+            self.shell(block)
+        else:  # pragma: no cover - guarded by test_every_code_block_is_run_by_a_test_or_ci
+            raise AssertionError(f"{self.where(block)}: cannot run a {block.lang!r} block")
+
+    # --- files -----------------------------------------------------------------
+
+    def write(self, block: Block, path: str, fragment: bool) -> None:
+        file = self.project / path
+        if not fragment:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(block.body)
+            if path.endswith(".py") and not path.startswith("tests/"):
+                # an app module: later blocks use its names
+                module = importlib.import_module(path[:-3].replace("/", "."))
+                self.modules.append(module.__name__)
+                self.namespace.update(
+                    {k: v for k, v in vars(module).items() if not k.startswith("__")}
+                )
+            return
+        assert path == "migrations/env.py", f"{self.where(block)}: no recipe to create {path}"
+        if not file.exists():  # what the README says to do first: alembic init migrations
+            self.check_call(block, f"{BIN / 'alembic'} init migrations")
+            ini = self.project / "alembic.ini"
+            ini.write_text(
+                re.sub(
+                    r"^sqlalchemy\.url = .*$",
+                    # configparser: a literal % is written %%
+                    f"sqlalchemy.url = {self.alembic_url}".replace("%", "%%"),
+                    ini.read_text(),
+                    flags=re.M,
+                )
+            )
+        source = file.read_text()
+        anchor = re.search(r"^target_metadata = .*\n", source, flags=re.M)
+        assert anchor is not None, "alembic's env.py template has no target_metadata line"
+        file.write_text(source[: anchor.end()] + block.body + source[anchor.end() :])
+
+    # --- python ----------------------------------------------------------------
+
+    def python(self, block: Block) -> None:
+        # pad so that tracebacks show README line numbers
+        source = "\n" * (block.line - 1) + block.code
+        code = compile(source, str(README), "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        result = eval(code, self.namespace)
+        if inspect.iscoroutine(result):
+            self.loop.run_until_complete(result)
+
+    # --- shell -----------------------------------------------------------------
+
+    def shell(self, block: Block) -> None:
+        for command in re.sub(r"\\\n", " ", block.code).splitlines():
+            if not command.strip() or command.lstrip().startswith("#"):
+                continue
+            if command.startswith("pgflow-sa worker "):
+                self.start_worker(block, command)
+            elif command.startswith(".venv/bin/python benchmarks/run.py"):
+                command = command.split("#", 1)[0].strip()
+                argv = command.replace(".venv/bin/python", sys.executable, 1).split()
+                self.check_call(block, " ".join([*argv, *BENCH_SMOKE]), cwd=ROOT, timeout=600)
+            else:
+                self.check_call(block, command)
+
+    def check_call(
+        self, block: Block, command: str, cwd: Path | None = None, timeout: float = 300
+    ) -> str:
+        proc = subprocess.run(
+            ["bash", "-c", command],
+            cwd=cwd or self.project,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        assert proc.returncode == 0, (
+            f"{self.where(block)}: `{command}` exited with {proc.returncode}\n"
+            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
+        return proc.stdout
+
+    def start_worker(self, block: Block, command: str) -> None:
+        log = self.project / f"worker-{len(self.background)}.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                ["bash", "-c", f"exec {command}"],
+                cwd=self.project,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        self.background.append((block, proc, log))
+        # go on once it has registered (its start-up checks have passed)
+        deadline = time.monotonic() + 60
+        with psycopg.connect(self.env["PGFLOW_SA_DATABASE_URL"], autocommit=True) as conn:
+            while True:
+                row = conn.execute(
+                    "SELECT count(*) FROM pgflow.workers WHERE function_name LIKE 'pgflow-sa:%'"
+                ).fetchone()
+                if row and row[0] > 0:
+                    return
+                assert proc.poll() is None, (
+                    f"{self.where(block)}: `{command}` exited with {proc.returncode}:\n"
+                    + log.read_text()
+                )
+                assert time.monotonic() < deadline, (
+                    f"{self.where(block)}: `{command}` did not register within 60 s:\n"
+                    + log.read_text()
+                )
+                time.sleep(0.1)
+
+    def stop_background(self) -> None:
+        for block, proc, log in self.background:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                code = proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise AssertionError(
+                    f"{self.where(block)}: the worker did not stop on SIGTERM:\n" + log.read_text()
+                ) from None
+            assert code == 0, f"{self.where(block)}: the worker exited with {code}:\n" + (
+                log.read_text()
+            )
+
+    def close(self) -> None:
+        for process in self.background:
+            if process[1].poll() is None:
+                process[1].kill()
+                process[1].wait()
+        engine = self.namespace.get("async_engine")
+        if engine is not None:
+            self.loop.run_until_complete(engine.dispose())
+        sync = self.namespace.get("engine")
+        if sync is not None:
+            sync.dispose()
+        self.loop.close()
+        for name in self.modules:
+            sys.modules.pop(name, None)
+
+
+def _wait_for_runs(url: str, timeout: float = 60) -> dict[str, int]:
+    """Run counts by status once no run is in progress (or at the deadline)."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(url, autocommit=True) as conn:
+        while True:
+            counts = dict(
+                conn.execute("SELECT status, count(*) FROM pgflow.runs GROUP BY status").fetchall()
+            )
+            if "started" not in counts or time.monotonic() > deadline:
+                return counts
+            time.sleep(0.2)
+
+
+def test_reference_blocks_run_top_to_bottom(
+    tmp_path: Path,
+    server_url: str,
+    databases: DatabaseFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    database_url = databases.create(prefix="pgflow_sa_readme")  # empty: the README installs
+    alembic_url = databases.create(prefix="pgflow_sa_readme_alembic")
+    project = tmp_path / "project"
+    project.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGFLOW_SA_")}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=str(project),
+        PGFLOW_SA_DATABASE_URL=database_url,
+        PGFLOW_SA_DATA_DIR=str(tmp_path / "embedded"),
+        PGFLOW_SA_TEST_DATABASE_URL=server_url,
+        PGFLOW_SA_BENCH_DATABASE_URL=server_url,
+    )
+    for name in ("PGFLOW_SA_DATABASE_URL", "PGFLOW_SA_DATA_DIR"):
+        monkeypatch.setenv(name, env[name])
+    monkeypatch.syspath_prepend(str(project))
+    monkeypatch.chdir(project)
+
+    reference = [b for b in blocks() if b.chapter == "Reference"]
+    assert len(reference) >= 20
+    session = ReadmeRun(project, env, alembic_url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        for block in reference:
+            session.run(block)
+        counts = _wait_for_runs(database_url)
+        session.stop_background()
+    finally:
+        session.close()
+
+    # every run the README started completed: 5 from Python, 1 with functions.start_flow,
+    # 3 from the command line
+    assert set(counts) == {"completed"}, counts
+    assert counts["completed"] >= 9, counts
+    # `alembic revision --autogenerate` wrote the install and the flow; upgrade applied them
+    (migration,) = (project / "migrations" / "versions").glob("*.py")
+    assert "pgflow_ops.InstallPgflowOp(" in migration.read_text()
+    assert "pgflow_ops.CreateFlowOp(" in migration.read_text()
+    assert "op.create_table('articles'" in migration.read_text()
+    with psycopg.connect(alembic_url) as conn:
+        flows = conn.execute("SELECT flow_slug FROM pgflow.flows").fetchall()
+    assert flows == [("article_flow",)]
+    with psycopg.connect(alembic_url) as conn:
+        conn.execute("SELECT count(*) FROM articles")  # the app's table came with them

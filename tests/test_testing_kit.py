@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from pgflow_sa import Context, Flow, RunStatus, StepStatus, to_sqlalchemy_url
@@ -117,3 +118,47 @@ def test_handlers_unit_tested_without_a_database() -> None:
         "2 items, total 1 (run input {'n': 2})"
     )
     assert pipeline.handler("load")({"n": 3}, ctx) == [0, 1, 2]
+
+
+# --- ctx.session / ctx.async_session under run_flow ------------------------------------
+
+journal_table = sa.table("journal", sa.column("body", sa.Text))
+journaling = Flow("kit_journal", max_attempts=2)
+
+
+@journaling.step
+def write_sync(input: Any, ctx: Context) -> str:
+    ctx.session.execute(sa.insert(journal_table).values(body=f"sync attempt {ctx.attempt}"))
+    if ctx.attempt == 1:
+        raise RuntimeError("after writing")
+    return "sync written"
+
+
+@journaling.step(depends_on=[write_sync])
+async def write_async(input: Any, ctx: Context) -> str:
+    await ctx.async_session.execute(
+        sa.insert(journal_table).values(body=f"async attempt {ctx.attempt}")
+    )
+    if ctx.attempt == 1:
+        raise RuntimeError("after writing")
+    return "async written"
+
+
+def test_handler_sessions_commit_with_the_completion(db_url: str) -> None:
+    """As under a worker: a handler's writes through ctx.session / ctx.async_session
+    commit with its task's completion and roll back when it raises."""
+    deploy(db_url, journaling)
+    with psycopg.connect(db_url) as conn:
+        conn.execute("CREATE TABLE journal (id serial PRIMARY KEY, body text NOT NULL)")
+    run = run_flow(db_url, journaling, {})
+    assert run.status is RunStatus.COMPLETED, run.error
+    assert run.output == {"write_async": "async written"}
+    assert [run.step(slug).attempts for slug in ("write_sync", "write_async")] == [2, 2]
+    with psycopg.connect(db_url) as conn:
+        bodies = [r[0] for r in conn.execute("SELECT body FROM journal ORDER BY id")]
+        idle = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND state = 'idle in transaction'"
+        ).fetchone()
+    assert bodies == ["sync attempt 2", "async attempt 2"]
+    assert idle == (0,)

@@ -167,6 +167,28 @@ async def _wait_started(url: str, run_id: uuid.UUID) -> None:
     raise AssertionError("the task never started")
 
 
+async def test_stop_before_run_has_begun_is_not_lost(db_url: str) -> None:
+    """worker.stop() right after create_task(worker.run()) (a lifespan that ends at
+    once): run() starts up, sees the request and returns."""
+    deploy(db_url, slowish)
+    worker = Worker(slowish, db_url, settings=FAST)
+    serving = asyncio.create_task(worker.run())
+    worker.stop()
+    await asyncio.wait_for(serving, 30)
+    assert worker.ready is not None and worker.ready.is_set()
+    # and the same worker object can serve again afterwards
+    first_ready = worker.ready
+    again = asyncio.create_task(worker.run())
+    await asyncio.sleep(0)  # run() begins: a new ready event
+    assert worker.ready is not first_ready
+    while not worker.ready.is_set():
+        assert not again.done()
+        await asyncio.sleep(0.05)
+    assert not again.done()
+    worker.stop()
+    await asyncio.wait_for(again, 30)
+
+
 async def test_stop_lets_in_flight_tasks_finish(db_url: str, engine: AsyncEngine) -> None:
     deploy(db_url, slowish)
     gate.clear()

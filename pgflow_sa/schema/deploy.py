@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.engine import URL
 
 from ..compiler import compile_flow
 from ..dsl import Flow
@@ -24,9 +25,28 @@ class DeployReport:
     unchanged: list[str] = field(default_factory=list)
 
 
-def deploy_flows(conn: Connection, flows: Iterable[Flow]) -> DeployReport:
-    """Create the missing flows in the connection's transaction; refuse (before creating
-    anything) when a flow in the database differs from the code."""
+def deploy_flows(
+    target: Connection | Engine | str | URL, flows: Flow | Iterable[Flow]
+) -> DeployReport:
+    """Create the flows missing from the database, as ``pgflow-sa flows deploy`` does.
+
+    ``target`` is a Connection (the work joins its transaction, which the caller
+    commits) or an Engine or URL (one transaction of its own). Flows already there and
+    identical are left alone; if any flow differs from the code, nothing is created
+    and :class:`FlowConflictError` says what differs."""
+    from ..registry import FlowRegistry
+
+    chosen = list(FlowRegistry.of(flows))
+    if isinstance(target, Connection):
+        return _deploy(target, chosen)
+    from .._db import database_errors, sync_engine
+
+    engine = sync_engine(target)
+    with database_errors(engine.url, PgflowSaError), engine.begin() as conn:
+        return _deploy(conn, chosen)
+
+
+def _deploy(conn: Connection, flows: list[Flow]) -> DeployReport:
     report = DeployReport()
     to_create: list[Flow] = []
     conflicts: list[str] = []

@@ -19,8 +19,12 @@ Fixtures:
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -84,14 +88,29 @@ class DatabaseFactory:
             self.drop(with_database(self.server_url, name))
 
 
-def server_url_for_tests(tmp_dir: Any) -> tuple[str, EmbeddedServer | None]:
-    """``PGFLOW_SA_TEST_DATABASE_URL`` (libpq form), else an embedded server in ``tmp_dir``."""
+@contextmanager
+def database_server_for_tests() -> Iterator[str]:
+    """The maintenance URL of the server tests use: ``PGFLOW_SA_TEST_DATABASE_URL``
+    (libpq form), else an embedded server started for the duration.
+
+    The embedded server lives in a temporary folder of its own, not under pytest's
+    basetemp: every pytest run makes ``/tmp/pytest-of-<user>`` private again, which
+    would cut a server started as root (it runs as another user) off from its files
+    as soon as another pytest process starts."""
     configured = os.environ.get(TEST_URL_ENV, "").strip()
     if configured:
         libpq = to_sqlalchemy_url(configured).set(drivername="postgresql")
-        return libpq.render_as_string(hide_password=False), None
-    server = EmbeddedServer(tmp_dir)
-    return server.start(), server
+        yield libpq.render_as_string(hide_password=False)
+        return
+    folder = Path(tempfile.mkdtemp(prefix="pgflow-sa-test-server-"))
+    server = EmbeddedServer(folder)
+    try:
+        yield server.start()
+    finally:
+        try:
+            server.stop()
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -104,13 +123,11 @@ def pgflow_flows() -> FlowRegistry:
 
 
 @pytest.fixture(scope="session")
-def pgflow_databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DatabaseFactory]:
-    url, server = server_url_for_tests(tmp_path_factory.mktemp("pgflow-embedded"))
-    factory = DatabaseFactory(url)
-    yield factory
-    factory.drop_all()
-    if server is not None:
-        server.stop()
+def pgflow_databases() -> Iterator[DatabaseFactory]:
+    with database_server_for_tests() as url:
+        factory = DatabaseFactory(url)
+        yield factory
+        factory.drop_all()
 
 
 @pytest.fixture(scope="session")

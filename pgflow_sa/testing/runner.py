@@ -10,9 +10,10 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
 
 from ..client import get_run_async, start_flow_async
 from ..config import to_sqlalchemy_url
@@ -49,12 +50,16 @@ async def run_flow_async(
     ``fail={"step": n}`` makes the first n attempts of each task of that step
     fail (as ``InjectedFailure``) without calling the handler;
     ``stop_after="step"`` returns once that step has completed or failed.
+    Handlers get ``ctx.session`` / ``ctx.async_session`` as under a worker: their
+    writes commit with the task's completion, or roll back when they raise.
     Returns the run with its steps and tasks.
     """
     engine = _async_engine(target)
+    sessions = _Sessions(engine)
     try:
-        return await _drive(engine, flow, input, dict(fail or {}), stop_after)
+        return await _drive(engine, sessions, flow, input, dict(fail or {}), stop_after)
     finally:
+        sessions.dispose()
         if engine is not target:
             await engine.dispose()
 
@@ -78,8 +83,34 @@ def _async_engine(target: AsyncEngine | Engine | str | URL) -> AsyncEngine:
     return create_async_engine(to_sqlalchemy_url(url, "asyncpg"))
 
 
+class _Sessions:
+    """What ``ctx.session`` and ``ctx.async_session`` open: sessions on the run's
+    database (a psycopg engine is made on first use of ``ctx.session``)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._sync: Engine | None = None
+
+    def sync_session(self) -> Session:
+        if self._sync is None:
+            self._sync = create_engine(to_sqlalchemy_url(self.engine.url, "psycopg"))
+        return Session(self._sync)
+
+    def async_session(self) -> AsyncSession:
+        return AsyncSession(self.engine)
+
+    def dispose(self) -> None:
+        if self._sync is not None:
+            self._sync.dispose()
+
+
 async def _drive(
-    engine: AsyncEngine, flow: Flow, input: Any, fail: dict[str, int], stop_after: str | None
+    engine: AsyncEngine,
+    sessions: _Sessions,
+    flow: Flow,
+    input: Any,
+    fail: dict[str, int],
+    stop_after: str | None,
 ) -> Run:
     for slug in fail:
         flow.get_step(slug)  # unknown step: KeyError naming the flow's steps
@@ -126,7 +157,7 @@ async def _drive(
             continue
         revealed = False
         for task in sorted(tasks, key=lambda t: (t.step_slug, t.task_index)):
-            await _run_task(engine, flow, task, current, injected, fail)
+            await _run_task(engine, sessions, flow, task, current, injected, fail)
 
 
 def _attempt(run: Run, step_slug: str, task_index: int) -> int:
@@ -149,6 +180,7 @@ def _stopped(run: Run, stop_after: str | None) -> bool:
 
 async def _run_task(
     engine: AsyncEngine,
+    sessions: _Sessions,
     flow: Flow,
     task: Any,
     run: Run,
@@ -157,21 +189,25 @@ async def _run_task(
 ) -> None:
     step = flow.get_step(task.step_slug)
     key = (task.step_slug, task.task_index)
-    error: str | None = None
-    output: Any = None
     if injected[key] < fail.get(task.step_slug, 0):
         injected[key] += 1
         error = error_message(InjectedFailure(f"attempt {injected[key]} of {task.step_slug!r}"))
-    else:
-        ctx = Context(
-            flow_slug=flow.slug,
-            step_slug=task.step_slug,
-            flow_input=run.input,
-            run_id=task.run_id,
-            task_index=task.task_index,
-            attempt=_attempt(run, task.step_slug, task.task_index),
-            logger=logging.getLogger(f"pgflow_sa.handler.{flow.slug}.{task.step_slug}"),
-        )
+        async with engine.begin() as conn:
+            await fn.fail_task(task.run_id, task.step_slug, task.task_index, error).all_async(conn)
+        return
+    ctx = Context(
+        flow_slug=flow.slug,
+        step_slug=task.step_slug,
+        flow_input=run.input,
+        run_id=task.run_id,
+        task_index=task.task_index,
+        attempt=_attempt(run, task.step_slug, task.task_index),
+        logger=logging.getLogger(f"pgflow_sa.handler.{flow.slug}.{task.step_slug}"),
+        session_factory=sessions.sync_session,
+        async_session_factory=sessions.async_session,
+    )
+    complete = fn.complete_task  # the task's completion, in the handler's session if it used one
+    try:
         try:
             value = typed_input(step, handler_input(step, task))
             args = (value, ctx) if step.takes_context else (value,)
@@ -179,12 +215,26 @@ async def _run_task(
             if inspect.isawaitable(result):
                 result = await result
             output = json_output(task.step_slug, result)
-        except Exception as exc:
-            error = error_message(exc)
+            if ctx.used_async_session is not None:
+                await complete(task.run_id, task.step_slug, task.task_index, output).all_async(
+                    ctx.used_async_session
+                )
+                await ctx.used_async_session.commit()
+                return
+            if ctx.used_session is not None:
+                complete(task.run_id, task.step_slug, task.task_index, output).all(ctx.used_session)
+                ctx.used_session.commit()
+                return
+        finally:  # closing rolls back whatever was not committed
+            if ctx.used_async_session is not None:
+                await ctx.used_async_session.close()
+            if ctx.used_session is not None:
+                ctx.used_session.close()
+    except Exception as exc:
+        async with engine.begin() as conn:
+            await fn.fail_task(
+                task.run_id, task.step_slug, task.task_index, error_message(exc)
+            ).all_async(conn)
+        return
     async with engine.begin() as conn:
-        if error is None:
-            await fn.complete_task(task.run_id, task.step_slug, task.task_index, output).all_async(
-                conn
-            )
-        else:
-            await fn.fail_task(task.run_id, task.step_slug, task.task_index, error).all_async(conn)
+        await complete(task.run_id, task.step_slug, task.task_index, output).all_async(conn)

@@ -153,6 +153,7 @@ class Worker:
         self._map_steps: dict[str, list[str]] = {}
         self._deprecated: set[str] = set()
         self._stopping: asyncio.Event | None = None
+        self._stop_requested = False  # stop() may come before run() has begun
         self._slot_freed: asyncio.Event | None = None
         self._wake: dict[str, asyncio.Event] = {}
         self._notified = False
@@ -188,7 +189,9 @@ class Worker:
 
     def stop(self) -> None:
         """Ask the worker to stop: no new tasks, in-flight ones finish within
-        ``shutdown_timeout`` and the rest are handed back. Safe from any thread."""
+        ``shutdown_timeout`` and the rest are handed back. Safe from any thread, and
+        before :meth:`run` has begun (it then returns right after starting up)."""
+        self._stop_requested = True
         if self._loop is not None and self._stopping is not None:
             self._loop.call_soon_threadsafe(self._stopping.set)
 
@@ -197,6 +200,8 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
+        if self._stop_requested:
+            self._stopping.set()
         self._slot_freed = asyncio.Event()
         self._flush_wake = asyncio.Event()
         self._wake = {slug: asyncio.Event() for slug in self.worker_ids}
@@ -242,6 +247,7 @@ class Worker:
             await asyncio.gather(*background, return_exceptions=True)
             await self._drain()
         finally:
+            self._stop_requested = False
             if flusher is not None:
                 flusher.cancel()
                 await asyncio.gather(flusher, return_exceptions=True)
