@@ -44,7 +44,11 @@ def libpq(url: str) -> str:
     return to_sqlalchemy_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+CREATED: set[str] = set()
+
+
 def fresh_database(server: str, name: str) -> str:
+    CREATED.add(name)
     with psycopg.connect(server, autocommit=True) as conn:
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
@@ -52,6 +56,15 @@ def fresh_database(server: str, name: str) -> str:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     url = to_sqlalchemy_url(server).set(database=name, drivername="postgresql")
     return url.render_as_string(hide_password=False)
+
+
+def drop_databases(server: str) -> None:
+    """Drop the databases this run created (the figures are printed by then)."""
+    with psycopg.connect(server, autocommit=True) as conn:
+        for name in sorted(CREATED):
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
 
 
 def prepare_pgflow(url: str) -> None:
@@ -327,17 +340,20 @@ def main() -> int:
     server = libpq(args.database_url)
 
     results: dict[str, Any] = {"tasks": args.tasks, "batch": BATCH, "concurrency": CONCURRENCY}
-    results["bare"] = bench_bare(server, args.tasks)
-    results["worker"] = bench_worker(server, args.tasks)
-    if "procrastinate" not in args.skip:
-        results["procrastinate"] = bench_procrastinate(server, args.tasks)
-    if "latency" not in args.skip:
-        results["chain_latency"] = bench_latency(server, args.rate, args.seconds)
-    if "stale-plans" not in args.skip:
-        for mode in ("auto", "force_custom_plan"):
-            results[f"stale_plans_{mode}"] = bench_latency(
-                server, args.stale_rate, args.stale_seconds, stale=True, plan_cache_mode=mode
-            )
+    try:
+        results["bare"] = bench_bare(server, args.tasks)
+        results["worker"] = bench_worker(server, args.tasks)
+        if "procrastinate" not in args.skip:
+            results["procrastinate"] = bench_procrastinate(server, args.tasks)
+        if "latency" not in args.skip:
+            results["chain_latency"] = bench_latency(server, args.rate, args.seconds)
+        if "stale-plans" not in args.skip:
+            for mode in ("auto", "force_custom_plan"):
+                results[f"stale_plans_{mode}"] = bench_latency(
+                    server, args.stale_rate, args.stale_seconds, stale=True, plan_cache_mode=mode
+                )
+    finally:
+        drop_databases(server)
 
     worker, bare = results["worker"]["tasks_per_s"], results["bare"]["tasks_per_s"]
     print(f"(b) bare protocol loop      {bare:8.0f} tasks/s")

@@ -356,3 +356,8 @@ def test_reference_blocks_run_top_to_bottom(
     assert flows == [("article_flow",)]
     with psycopg.connect(alembic_url) as conn:
         conn.execute("SELECT count(*) FROM articles")  # the app's table came with them
+    with psycopg.connect(server_url) as conn:  # the benchmark dropped its databases
+        left = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'pgflow_sa_bench_%'"
+        ).fetchall()
+    assert left == []
