@@ -32,4 +32,12 @@ async def three(input: Any, ctx: Context) -> int:
     return 3
 
 
-flows = FlowRegistry(noop, chain)
+wide = Flow("bench_wide")
+
+
+@wide.map
+async def each(item: Any, ctx: Context) -> int:
+    return 1
+
+
+flows = FlowRegistry(noop, chain, wide)

@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 CLI = str(Path(sys.executable).parent / "pgflow-sa")
 sys.path.insert(0, str(HERE))
 
-from bench_app import chain, noop  # noqa: E402
+from bench_app import chain, noop, wide  # noqa: E402
 
 from pgflow_sa import compile_flow, install_schema  # noqa: E402
 from pgflow_sa.config import to_sqlalchemy_url  # noqa: E402
@@ -70,7 +70,7 @@ def drop_databases(server: str) -> None:
 def prepare_pgflow(url: str) -> None:
     install_schema(url)
     with psycopg.connect(url) as conn:
-        for flow in (noop, chain):
+        for flow in (noop, chain, wide):
             for statement in compile_flow(flow):
                 conn.execute(statement)
 
@@ -172,6 +172,33 @@ def bench_worker(server: str, tasks: int) -> dict[str, Any]:
         "cpu_s": cpu.user + cpu.system,
         "elapsed_s": elapsed,
     }
+
+
+def bench_map(server: str, size: int, plan_cache_mode: str) -> dict[str, Any]:
+    """One run whose root map step has ``size`` no-op tasks, drained by the worker
+    with the given plan_cache_mode: every completion updates the same step state, and
+    pgflow's functions plan their statements per call under force_custom_plan."""
+    url = fresh_database(server, "pgflow_sa_bench_map")
+    prepare_pgflow(url)
+    worker = start_worker(url, "bench_wide", {"PGFLOW_SA_WORKER_PLAN_CACHE_MODE": plan_cache_mode})
+    try:
+        wait_ready(url, "bench_wide")
+        started = time.perf_counter()
+        with psycopg.connect(url) as conn:
+            conn.execute(
+                "SELECT pgflow.start_flow('bench_wide', to_jsonb(array(SELECT generate_series(1, %s))))",
+                [size],
+            )
+        deadline = time.monotonic() + 600
+        while finished(url, "bench_wide") < 1:
+            if time.monotonic() > deadline or worker.poll() is not None:
+                raise RuntimeError("the worker did not finish the map")
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - started
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    return {"size": size, "plan_cache_mode": plan_cache_mode, "tasks_per_s": size / elapsed}
 
 
 # --- (b) a bare protocol loop --------------------------------------------------------
@@ -331,7 +358,13 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=50)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument(
-        "--skip", action="append", default=[], choices=["procrastinate", "latency", "stale-plans"]
+        "--skip",
+        action="append",
+        default=[],
+        choices=["procrastinate", "latency", "stale-plans", "map"],
+    )
+    parser.add_argument(
+        "--map-sizes", default="1000,4000", help="comma-separated sizes of the one-run map"
     )
     parser.add_argument("--stale-rate", type=float, default=200)
     parser.add_argument("--stale-seconds", type=float, default=20)
@@ -352,6 +385,12 @@ def main() -> int:
                 results[f"stale_plans_{mode}"] = bench_latency(
                     server, args.stale_rate, args.stale_seconds, stale=True, plan_cache_mode=mode
                 )
+        if "map" not in args.skip:
+            results["map"] = [
+                bench_map(server, int(size), mode)
+                for size in args.map_sizes.split(",")
+                for mode in ("auto", "force_custom_plan")
+            ]
     finally:
         drop_databases(server)
 
@@ -382,6 +421,11 @@ def main() -> int:
                 f"p50 {lat['p50_ms']:.1f} ms, p95 {lat['p95_ms']:.1f} ms, last quarter p50 "
                 f"{lat['last_quarter_p50_ms']:.1f} ms ({lat['completed']}/{lat['runs']} completed)"
             )
+    for entry in results.get("map", []):
+        print(
+            f"one run, map of {entry['size']} tasks, plan_cache_mode={entry['plan_cache_mode']}: "
+            f"{entry['tasks_per_s']:.0f} tasks/s"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=float))
     return 0

@@ -32,7 +32,10 @@ TEXT = README.read_text()
 
 # benchmarks/run.py runs for minutes at its defaults; the README test only checks that
 # the command works, on small sizes (its figures are not looked at)
-BENCH_SMOKE = ["--tasks", "200", "--seconds", "1", "--stale-rate", "20", "--stale-seconds", "1"]
+BENCH_SMOKE = [
+    "--tasks", "200", "--seconds", "1", "--stale-rate", "20", "--stale-seconds", "1",
+    "--map-sizes", "50",
+]  # fmt: skip
 
 
 def _commands(command: click.Command, path: list[str]) -> Iterator[tuple[str, list[str]]]:
