@@ -354,6 +354,17 @@ def test_reference_blocks_run_top_to_bottom(
     assert "pgflow_ops.InstallPgflowOp(" in migration.read_text()
     assert "pgflow_ops.CreateFlowOp(" in migration.read_text()
     assert "op.create_table('articles'" in migration.read_text()
+    # the rendered operations are typed code: the migration passes mypy --strict
+    typed = subprocess.run(
+        [str(BIN / "mypy"), "--strict", "--cache-dir", str(ROOT / ".mypy_cache"), str(migration)],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert typed.returncode == 0, typed.stdout + typed.stderr
     with psycopg.connect(alembic_url) as conn:
         flows = conn.execute("SELECT flow_slug FROM pgflow.flows").fetchall()
     assert flows == [("article_flow",)]
