@@ -8,12 +8,12 @@ from typing import Any
 
 import psycopg
 import pytest
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from pgflow_sa import Context, Flow, RunStatus, StepStatus, to_sqlalchemy_url
 from pgflow_sa.testing import InjectedFailure, run_flow, run_flow_async
 
+from .tx_flows import atomic, make_notes, notes, tx_async, tx_sync
 from .worker_harness import FAST, deploy, run_and_wait, running_worker
 
 pipeline = Flow("kit_pipeline")
@@ -122,43 +122,25 @@ def test_handlers_unit_tested_without_a_database() -> None:
 
 # --- ctx.session / ctx.async_session under run_flow ------------------------------------
 
-journal_table = sa.table("journal", sa.column("body", sa.Text))
-journaling = Flow("kit_journal", max_attempts=2)
 
-
-@journaling.step
-def write_sync(input: Any, ctx: Context) -> str:
-    ctx.session.execute(sa.insert(journal_table).values(body=f"sync attempt {ctx.attempt}"))
-    if ctx.attempt == 1:
-        raise RuntimeError("after writing")
-    return "sync written"
-
-
-@journaling.step(depends_on=[write_sync])
-async def write_async(input: Any, ctx: Context) -> str:
-    await ctx.async_session.execute(
-        sa.insert(journal_table).values(body=f"async attempt {ctx.attempt}")
-    )
-    if ctx.attempt == 1:
-        raise RuntimeError("after writing")
-    return "async written"
-
-
-def test_handler_sessions_commit_with_the_completion(db_url: str) -> None:
-    """As under a worker: a handler's writes through ctx.session / ctx.async_session
-    commit with its task's completion and roll back when it raises."""
-    deploy(db_url, journaling)
+def test_handler_sessions_behave_as_under_a_worker(db_url: str) -> None:
+    """The worker's transaction flows (tests/tx_flows.py) give the same results under
+    run_flow: writes commit with the completion, roll back when the handler raises,
+    and a broken transaction keeps nothing."""
+    make_notes(db_url)
+    deploy(db_url, tx_sync, tx_async, atomic)
+    for flow in (tx_sync, tx_async):
+        run = run_flow(db_url, flow, {})
+        assert run.status is RunStatus.COMPLETED, run.error
+        assert run.steps[0].attempts == 2
+        assert run.steps[0].tasks[0].error_message == "RuntimeError: after writing"
+    broken = run_flow(db_url, atomic, {})
+    assert broken.status is RunStatus.FAILED
+    assert broken.error is not None and "division by zero" in broken.error
+    assert sorted(notes(db_url)) == ["async attempt 2", "sync attempt 2"]
     with psycopg.connect(db_url) as conn:
-        conn.execute("CREATE TABLE journal (id serial PRIMARY KEY, body text NOT NULL)")
-    run = run_flow(db_url, journaling, {})
-    assert run.status is RunStatus.COMPLETED, run.error
-    assert run.output == {"write_async": "async written"}
-    assert [run.step(slug).attempts for slug in ("write_sync", "write_async")] == [2, 2]
-    with psycopg.connect(db_url) as conn:
-        bodies = [r[0] for r in conn.execute("SELECT body FROM journal ORDER BY id")]
         idle = conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
             "AND state = 'idle in transaction'"
         ).fetchone()
-    assert bodies == ["sync attempt 2", "async attempt 2"]
     assert idle == (0,)

@@ -26,6 +26,7 @@ from pgflow_sa._db import sync_engine
 from pgflow_sa.schema import functions as fn
 from pgflow_sa.worker import Worker, WorkerSettings, WorkerStartupError
 
+from .tx_flows import atomic, make_notes, notes, tx_async, tx_sync
 from .worker_harness import FAST, deploy, run_and_wait, running_worker
 
 
@@ -36,46 +37,14 @@ async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
     await engine.dispose()
 
 
-def _notes(url: str) -> list[str]:
-    with psycopg.connect(url) as conn:
-        return [r[0] for r in conn.execute("SELECT body FROM notes ORDER BY id")]
-
-
-def _make_notes(url: str) -> None:
-    with psycopg.connect(url) as conn:
-        conn.execute("CREATE TABLE notes (id serial PRIMARY KEY, body text NOT NULL)")
-
-
 # --- transactions ------------------------------------------------------------------------
-
-notes_table = sa.table("notes", sa.column("body", sa.Text))
-tx_sync = Flow("w_tx_sync", base_delay=1, max_attempts=2)
-tx_async = Flow("w_tx_async", base_delay=1, max_attempts=2)
-
-
-@tx_sync.step
-def write_sync(input: Any, ctx: Context) -> str:
-    ctx.session.execute(sa.insert(notes_table).values(body=f"sync attempt {ctx.attempt}"))
-    if ctx.attempt == 1:
-        raise RuntimeError("after writing")
-    return "written"
-
-
-@tx_async.step
-async def write_async(input: Any, ctx: Context) -> str:
-    await ctx.async_session.execute(
-        sa.insert(notes_table).values(body=f"async attempt {ctx.attempt}")
-    )
-    if ctx.attempt == 1:
-        raise RuntimeError("after writing")
-    return "written"
 
 
 @pytest.mark.parametrize("given", ["async engine", "sync engine"])
 async def test_handler_writes_commit_with_the_completion(
     db_url: str, engine: AsyncEngine, given: str
 ) -> None:
-    _make_notes(db_url)
+    make_notes(db_url)
     deploy(db_url, tx_sync, tx_async)
     app_engine: Any = engine if given == "async engine" else sync_engine(db_url)
     async with running_worker([tx_sync, tx_async], engine=app_engine):
@@ -84,31 +53,21 @@ async def test_handler_writes_commit_with_the_completion(
         )
     # attempt 1 wrote and raised: its row rolled back and the task was retried;
     # attempt 2 wrote and succeeded: its row committed with the completion
-    assert sorted(_notes(db_url)) == ["async attempt 2", "sync attempt 2"]
+    assert sorted(notes(db_url)) == ["async attempt 2", "sync attempt 2"]
     for run in (sync_run, async_run):
         assert run.status is RunStatus.COMPLETED
         assert run.steps[0].attempts == 2
         assert run.steps[0].tasks[0].error_message == "RuntimeError: after writing"
 
 
-atomic = Flow("w_atomic", max_attempts=1)
-
-
-@atomic.step
-async def write_then_break_completion(input: Any, ctx: Context) -> Any:
-    await ctx.async_session.execute(sa.insert(notes_table).values(body="must vanish"))
-    await ctx.async_session.execute(sa.text("SELECT 1/0"))  # breaks the transaction
-    return "unreachable"
-
-
 async def test_a_broken_transaction_keeps_nothing(db_url: str, engine: AsyncEngine) -> None:
-    _make_notes(db_url)
+    make_notes(db_url)
     deploy(db_url, atomic)
     async with running_worker(atomic, engine=engine):
         run = await run_and_wait(engine, atomic, {})
     assert run.status is RunStatus.FAILED
     assert run.error is not None and "division by zero" in run.error
-    assert _notes(db_url) == []
+    assert notes(db_url) == []
 
 
 # --- startup checks -------------------------------------------------------------------------
