@@ -19,8 +19,10 @@ from .ops import (
     CreateFlowOp,
     DropFlowOp,
     InstallPgflowOp,
+    KeepPgflowSchemaOp,
     SetFlowOptionOp,
     UninstallPgflowOp,
+    UpgradePgflowOp,
 )
 
 __all__ = [
@@ -28,8 +30,10 @@ __all__ = [
     "DropFlowOp",
     "FlowStructureChangedError",
     "InstallPgflowOp",
+    "KeepPgflowSchemaOp",
     "SetFlowOptionOp",
     "UninstallPgflowOp",
+    "UpgradePgflowOp",
     "compare_pgflow",
     "register_flows",
 ]

@@ -13,7 +13,7 @@ from pgflow_sa import Flow, FlowRegistry, PgflowSaError, compile_flow, diff_shap
 from pgflow_sa.compiler import compile_shape
 from pgflow_sa.schema import LATEST_VERSION, SchemaState, check, list_flow_slugs, read_flow_shape
 
-from .ops import CreateFlowOp, DropFlowOp, InstallPgflowOp, SetFlowOptionOp
+from .ops import CreateFlowOp, DropFlowOp, InstallPgflowOp, SetFlowOptionOp, UpgradePgflowOp
 
 
 class FlowStructureChangedError(PgflowSaError):
@@ -94,6 +94,16 @@ def compare_pgflow(autogen_context: AutogenContext, upgrade_ops: UpgradeOps, sch
                 LATEST_VERSION,
                 pgmq=status.pgmq.startswith("missing"),
                 realtime_send=status.realtime_send == "missing",
+            )
+        )
+    elif (
+        status.state is SchemaState.OUTDATED
+        and status.managed_by == "pgflow-sa"  # another tool's schema is that tool's to upgrade
+        and _registration.install_schema
+    ):
+        ops.append(
+            UpgradePgflowOp(
+                LATEST_VERSION, previous=status.installed_version, migrations=status.pending
             )
         )
     for flow in registry:

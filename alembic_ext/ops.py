@@ -7,6 +7,7 @@ them type-checkable.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from alembic.operations import MigrateOperation, Operations
@@ -14,6 +15,9 @@ from alembic.operations import MigrateOperation, Operations
 from pgflow_sa.schema import installer
 from pgflow_sa.schema.deploy import drop_flow, run_compiled
 from pgflow_sa.schema.uninstall import uninstall
+
+# a child of "alembic", so that the logging set up by alembic.ini shows it
+logger = logging.getLogger("alembic.pgflow")
 
 _OPTION_COLUMNS = {
     "max_attempts": "opt_max_attempts",
@@ -53,6 +57,45 @@ class UninstallPgflowOp(MigrateOperation):
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
         return ("uninstall_pgflow", self.version)
+
+
+class UpgradePgflowOp(MigrateOperation):
+    """Apply the pinned pgflow migrations a pgflow-sa install lacks (``migrations``,
+    in order), bringing the schema from ``previous`` to ``version``. pgflow ships no
+    down migrations, so its reverse keeps the schema as it is (and says so)."""
+
+    def __init__(
+        self, version: str, *, previous: str | None, migrations: list[str] | tuple[str, ...]
+    ) -> None:
+        if not migrations:
+            raise ValueError("UpgradePgflowOp needs the migrations it applies")
+        self.version = version
+        self.previous = previous
+        self.migrations = list(migrations)
+
+    def reverse(self) -> KeepPgflowSchemaOp:
+        return KeepPgflowSchemaOp(self.version, previous=self.previous, migrations=self.migrations)
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return ("upgrade_pgflow", self.previous, self.version, tuple(self.migrations))
+
+
+class KeepPgflowSchemaOp(MigrateOperation):
+    """The downgrade of :class:`UpgradePgflowOp`: pgflow has no down migrations, so
+    the schema stays at ``version``; running it logs a warning and changes nothing."""
+
+    def __init__(
+        self, version: str, *, previous: str | None, migrations: list[str] | tuple[str, ...]
+    ) -> None:
+        self.version = version
+        self.previous = previous
+        self.migrations = list(migrations)
+
+    def reverse(self) -> UpgradePgflowOp:
+        return UpgradePgflowOp(self.version, previous=self.previous, migrations=self.migrations)
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return ("keep_pgflow_schema", self.version)
 
 
 class CreateFlowOp(MigrateOperation):
@@ -126,6 +169,21 @@ def _install(operations: Operations, operation: InstallPgflowOp) -> None:
 @Operations.implementation_for(UninstallPgflowOp)
 def _uninstall(operations: Operations, operation: UninstallPgflowOp) -> None:
     uninstall(operations.get_bind(), pgmq=operation.pgmq, realtime_send=operation.realtime_send)
+
+
+@Operations.implementation_for(UpgradePgflowOp)
+def _upgrade(operations: Operations, operation: UpgradePgflowOp) -> None:
+    installer.install(operations.get_bind(), operation.version, upto=operation.migrations[-1])
+
+
+@Operations.implementation_for(KeepPgflowSchemaOp)
+def _keep(operations: Operations, operation: KeepPgflowSchemaOp) -> None:
+    logger.warning(
+        "pgflow has no down migrations: the pgflow schema stays at %s (%d migration(s) "
+        "of this revision remain applied)",
+        operation.version,
+        len(operation.migrations),
+    )
 
 
 @Operations.implementation_for(CreateFlowOp)

@@ -5,7 +5,15 @@ from __future__ import annotations
 from alembic.autogenerate import renderers
 from alembic.autogenerate.api import AutogenContext
 
-from .ops import CreateFlowOp, DropFlowOp, InstallPgflowOp, SetFlowOptionOp, UninstallPgflowOp
+from .ops import (
+    CreateFlowOp,
+    DropFlowOp,
+    InstallPgflowOp,
+    KeepPgflowSchemaOp,
+    SetFlowOptionOp,
+    UninstallPgflowOp,
+    UpgradePgflowOp,
+)
 
 _IMPORT = "from alembic_ext import ops as pgflow_ops"
 
@@ -51,4 +59,22 @@ def _render_option(autogen_context: AutogenContext, op: SetFlowOptionOp) -> str:
     return (
         f"op.invoke(pgflow_ops.SetFlowOptionOp({op.flow_slug!r}, {op.step_slug!r}, "
         f"{op.option!r}, {op.value!r}, previous={op.previous!r}))"
+    )
+
+
+@renderers.dispatch_for(UpgradePgflowOp)
+def _render_upgrade(autogen_context: AutogenContext, op: UpgradePgflowOp) -> str:
+    autogen_context.imports.add(_IMPORT)
+    return (
+        f"op.invoke(pgflow_ops.UpgradePgflowOp({op.version!r}, previous={op.previous!r}, "
+        f"migrations={_statements(op.migrations)}))"
+    )
+
+
+@renderers.dispatch_for(KeepPgflowSchemaOp)
+def _render_keep(autogen_context: AutogenContext, op: KeepPgflowSchemaOp) -> str:
+    autogen_context.imports.add(_IMPORT)
+    return (
+        f"op.invoke(pgflow_ops.KeepPgflowSchemaOp({op.version!r}, previous={op.previous!r}, "
+        f"migrations={_statements(op.migrations)}))"
     )

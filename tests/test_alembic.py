@@ -218,6 +218,29 @@ def test_autogenerate_round_trip(empty_db_url: str, tmp_path: Path, template: st
     assert notes is None
 
 
+def test_an_outdated_install_is_upgraded_by_a_migration(empty_db_url: str, tmp_path: Path) -> None:
+    """A pgflow-sa install missing pinned migrations (as after pinning a newer pgflow)
+    gets one UpgradePgflowOp applying exactly those; its downgrade keeps the schema
+    (pgflow has no down migrations) and says so."""
+    from pgflow_sa import install_schema
+    from pgflow_sa.schema import migrations
+
+    pinned = migrations()
+    install_schema(empty_db_url, upto=pinned[9].name)
+    missing = [m.name for m in pinned[10:]]
+    project = Project(tmp_path, "generic", empty_db_url)
+    first = _upgrade_part(project.revision("upgrade pgflow"))
+    assert "pgflow_ops.UpgradePgflowOp('0.8.1', previous=None, migrations=[" in first
+    assert all(repr(name) in first for name in missing)
+    assert "InstallPgflowOp" not in first and "CreateFlowOp('orders'" in first
+    project.run("upgrade", "head")
+    assert check_schema(empty_db_url).state is SchemaState.INSTALLED
+    assert project.run("check").returncode == 0
+    down = project.run("downgrade", "-1")
+    assert "pgflow has no down migrations: the pgflow schema stays at 0.8.1" in down.stderr
+    assert check_schema(empty_db_url).state is SchemaState.INSTALLED
+
+
 def _ops(url: str, **opts: object) -> list[tuple[object, ...]]:
     import sqlalchemy as sa
     from alembic.autogenerate import produce_migrations
