@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from .client import (
+    flow_status,
+    flow_status_async,
     get_run,
     get_run_async,
     list_runs,
@@ -29,6 +31,7 @@ from .exceptions import (
     SchemaFilesMissingError,
 )
 from .models import (
+    FlowStatus,
     Run,
     RunEvent,
     RunPage,
@@ -75,6 +78,7 @@ __all__ = [
     "FlowNotFoundError",
     "FlowRegistry",
     "FlowShape",
+    "FlowStatus",
     "InstallError",
     "InvalidInputError",
     "PgflowSaError",
@@ -100,6 +104,8 @@ __all__ = [
     "compile_flow",
     "deploy_flows",
     "diff_shapes",
+    "flow_status",
+    "flow_status_async",
     "functions",
     "get_database_url",
     "get_run",

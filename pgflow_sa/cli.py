@@ -19,7 +19,14 @@ from sqlalchemy.pool import NullPool
 
 from . import __version__
 from ._db import database_errors, sync_engine
-from .client import get_run, get_run_async, list_runs, parse_run_id, start_flow_async
+from .client import (
+    flow_status,
+    get_run,
+    get_run_async,
+    list_runs,
+    parse_run_id,
+    start_flow_async,
+)
 from .compiler import compile_flow
 from .config import (
     DATABASE_URL_ENV,
@@ -34,7 +41,7 @@ from .exceptions import InvalidInputError, PgflowSaError, RunNotFoundError, RunT
 from .models import RunStatus
 from .registry import FlowRegistry, load_registry
 from .schema.deploy import deploy_flows
-from .schema.installer import check_schema, install_schema
+from .schema.installer import SchemaState, check_schema, install_schema
 from .waiting import watch_run
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -351,6 +358,52 @@ def runs_list(flow: str | None, status: str | None, limit: int, database_url: st
         click.echo(line)
     if page.next_cursor:
         click.echo(f"(more runs: raise --limit above {limit})")
+
+
+@cli.command()
+@click.option(
+    "--window",
+    default=3600,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Seconds back to count completed and failed runs.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per flow).")
+@database_url_option
+@clean_errors
+def status(window: int, as_json: bool, database_url: str | None) -> None:
+    """Show each flow's queue, runs and live workers."""
+    url = _database_url(database_url)
+    schema = check_schema(url)
+    if schema.state is SchemaState.MISSING:
+        raise PgflowSaError(
+            f"pgflow is not installed in the database at {mask_password(url)}: "
+            "run pgflow-sa install"
+        )
+    engine = sync_engine(url)
+    with database_errors(url, PgflowSaError), engine.connect() as conn:
+        flows = flow_status(conn, window_seconds=window)
+    if as_json:
+        click.echo(json.dumps([f.model_dump(mode="json") for f in flows], indent=2))
+        return
+    span = f"{window // 3600}h" if window % 3600 == 0 else f"{window}s"
+    rows = [
+        [
+            f.flow_slug,
+            str(f.queued),
+            str(f.running),
+            str(f.completed),
+            str(f.failed),
+            str(f.live_workers),
+            _when(f.last_heartbeat_at),
+        ]
+        for f in flows
+    ]
+    headers = ["FLOW", "QUEUED", "RUNNING", f"COMPLETED ({span})", f"FAILED ({span})"]
+    for line in _table([*headers, "LIVE WORKERS", "LAST HEARTBEAT (UTC)"], rows):
+        click.echo(line)
+    if not flows:
+        click.echo("(no flows: pgflow-sa flows deploy APP creates them)")
 
 
 @runs.command("show")

@@ -25,7 +25,16 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, Operation
 from ._db import database_errors, first_line
 from .dsl import Flow
 from .exceptions import FlowNotFoundError, InvalidInputError, PgflowSaError
-from .models import Run, RunPage, RunStatus, StepState, StepStatus, StepTask, TaskStatus
+from .models import (
+    FlowStatus,
+    Run,
+    RunPage,
+    RunStatus,
+    StepState,
+    StepStatus,
+    StepTask,
+    TaskStatus,
+)
 from .schema import functions as fn
 from .schema import queries
 from .schema.functions import AsyncExecutor, SyncExecutor
@@ -328,3 +337,28 @@ async def list_runs_async(
     """:func:`list_runs` for an AsyncConnection or AsyncSession."""
     query = _page_query(flow, status, started_after, started_before, after, limit)
     return _page((await conn.execute(query)).all(), limit)
+
+
+def _status_query(window_seconds: int, live_seconds: int) -> Any:
+    if window_seconds <= 0 or live_seconds <= 0:
+        raise ValueError("window_seconds and live_seconds must be positive")
+    return queries.flow_status(window_seconds, live_seconds)
+
+
+@_translated
+def flow_status(
+    conn: SyncExecutor, *, window_seconds: int = 3600, live_seconds: int = 30
+) -> list[FlowStatus]:
+    """Every flow's queue length, runs in progress, runs completed and failed in the
+    last ``window_seconds``, and workers whose heartbeat is under ``live_seconds`` old."""
+    rows = conn.execute(_status_query(window_seconds, live_seconds)).all()
+    return [FlowStatus.model_validate(dict(row._mapping)) for row in rows]
+
+
+@_translated_async
+async def flow_status_async(
+    conn: AsyncExecutor, *, window_seconds: int = 3600, live_seconds: int = 30
+) -> list[FlowStatus]:
+    """:func:`flow_status` for an AsyncConnection or AsyncSession."""
+    rows = (await conn.execute(_status_query(window_seconds, live_seconds))).all()
+    return [FlowStatus.model_validate(dict(row._mapping)) for row in rows]

@@ -145,3 +145,17 @@ class RunEvent(_Frozen):
     @property
     def finishes_run(self) -> bool:
         return self.event in ("run:completed", "run:failed")
+
+
+class FlowStatus(_Frozen):
+    """How one flow is doing (:func:`pgflow_sa.flow_status`): ``queued`` messages in its
+    pgmq queue (waiting, delayed or being worked on), runs in progress, runs that
+    completed / failed within the window, workers with a recent heartbeat."""
+
+    flow_slug: str
+    queued: int
+    running: int
+    completed: int
+    failed: int
+    live_workers: int
+    last_heartbeat_at: datetime | None = None

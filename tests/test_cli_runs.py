@@ -167,3 +167,70 @@ def test_bad_arguments_give_one_line(
     db_url: str, engine: AsyncEngine, args: list[str], fragment: str
 ) -> None:
     assert_one_line_error(run_cli(*args, "--database-url", db_url), fragment)
+
+
+# --- status ---------------------------------------------------------------------------
+
+idle = Flow("idle_flow")
+idle.step(slug="only")(lambda i, c: i)
+
+
+def test_status_counts_queues_runs_and_live_workers(db_url: str) -> None:
+    from pgflow_sa.testing import run_flow
+
+    with psycopg.connect(db_url) as conn:
+        for flow in (shop, idle):
+            for statement in compile_flow(flow):
+                conn.execute(statement)
+    run_flow(db_url, shop, {"qty": 2})  # completed
+    run_flow(db_url, shop, {"qty": 1}, fail={"price": 1})  # failed (max_attempts 1)
+    with psycopg.connect(db_url) as conn:
+        for _ in range(3):  # started, their first messages waiting in the queue
+            conn.execute("SELECT pgflow.start_flow('shop', '{\"qty\": 5}'::jsonb)")
+        conn.execute(  # a live worker and one whose heartbeat stopped 10 minutes ago
+            "INSERT INTO pgflow.workers (worker_id, queue_name, function_name, last_heartbeat_at) "
+            "VALUES (gen_random_uuid(), 'shop', 'x', now()), "
+            "(gen_random_uuid(), 'shop', 'x', now() - interval '10 minutes')"
+        )
+        # a run that failed two hours ago falls outside the default one-hour window
+        conn.execute(
+            "UPDATE pgflow.runs SET started_at = now() - interval '2 hours 1 minute', "
+            "failed_at = now() - interval '2 hours' WHERE status = 'failed'"
+        )
+    proc = run_cli("status", "--json", "--database-url", db_url)
+    assert proc.returncode == 0, proc.stderr
+    by_flow = {f["flow_slug"]: f for f in json.loads(proc.stdout)}
+    assert set(by_flow) == {"shop", "idle_flow"}
+    shop_row = by_flow["shop"]
+    assert (
+        shop_row["queued"],
+        shop_row["running"],
+        shop_row["completed"],
+        shop_row["failed"],
+        shop_row["live_workers"],
+    ) == (3, 3, 1, 0, 1)
+    assert shop_row["last_heartbeat_at"] is not None
+    assert by_flow["idle_flow"] == {
+        "flow_slug": "idle_flow",
+        "queued": 0,
+        "running": 0,
+        "completed": 0,
+        "failed": 0,
+        "live_workers": 0,
+        "last_heartbeat_at": None,
+    }
+    wide = run_cli("status", "--window", "10800", "--database-url", db_url)
+    assert wide.returncode == 0, wide.stderr
+    header, *lines = wide.stdout.splitlines()
+    assert header.split() == [
+        "FLOW", "QUEUED", "RUNNING", "COMPLETED", "(3h)", "FAILED", "(3h)", "LIVE", "WORKERS",
+        "LAST", "HEARTBEAT", "(UTC)",
+    ]  # fmt: skip
+    assert lines[0].split()[:6] == ["idle_flow", "0", "0", "0", "0", "0"]
+    assert lines[1].split()[:6] == ["shop", "3", "3", "1", "1", "1"]
+
+
+def test_status_without_pgflow_says_to_install(empty_db_url: str) -> None:
+    proc = run_cli("status", "--database-url", empty_db_url)
+    assert_one_line_error(proc, "pgflow is not installed in the database at ")
+    assert "run pgflow-sa install" in proc.stderr

@@ -111,5 +111,33 @@ def notifications_enabled() -> TextClause:
     ).bindparams(send_signature=REALTIME_SEND)
 
 
+def flow_status(window_seconds: int, live_seconds: int) -> TextClause:
+    """One row per flow: the messages in its queue, runs in
+    progress, runs completed and failed in the last ``window_seconds``, and workers
+    whose heartbeat is younger than ``live_seconds`` (not deprecated)."""
+    return text(
+        """
+        SELECT f.flow_slug,
+               m.queue_length AS queued,
+               (SELECT count(*) FROM pgflow.runs r
+                 WHERE r.flow_slug = f.flow_slug AND r.status = 'started') AS running,
+               (SELECT count(*) FROM pgflow.runs r
+                 WHERE r.flow_slug = f.flow_slug AND r.status = 'completed'
+                   AND r.completed_at > now() - make_interval(secs => :window)) AS completed,
+               (SELECT count(*) FROM pgflow.runs r
+                 WHERE r.flow_slug = f.flow_slug AND r.status = 'failed'
+                   AND r.failed_at > now() - make_interval(secs => :window)) AS failed,
+               (SELECT count(*) FROM pgflow.workers w
+                 WHERE w.queue_name = f.flow_slug AND w.deprecated_at IS NULL
+                   AND w.last_heartbeat_at > now() - make_interval(secs => :live)) AS live_workers,
+               (SELECT max(w.last_heartbeat_at) FROM pgflow.workers w
+                 WHERE w.queue_name = f.flow_slug) AS last_heartbeat_at
+        FROM pgflow.flows f
+        CROSS JOIN LATERAL pgmq.metrics(f.flow_slug) m
+        ORDER BY f.flow_slug
+        """
+    ).bindparams(window=window_seconds, live=live_seconds)
+
+
 #: The LISTEN/NOTIFY channel the publisher uses.
 CHANNEL = NOTIFY_CHANNEL

@@ -58,6 +58,15 @@ def heartbeat(worker_ids: Sequence[uuid.UUID]) -> Update:
     )
 
 
+def retire_worker(worker_id: uuid.UUID) -> Update:
+    """Mark a worker row done (``deprecated_at``), so it no longer counts as live."""
+    return (
+        update(workers)
+        .where(workers.c.worker_id == worker_id, workers.c.deprecated_at.is_(None))
+        .values(deprecated_at=func.now())
+    )
+
+
 def hand_back(worker_id: uuid.UUID, keys: Sequence[tuple[uuid.UUID, str, int]]) -> Update:
     """Put tasks this worker started but will not finish back to ``queued``, without
     counting the attempt; returns their message ids (make those visible again)."""

@@ -130,6 +130,22 @@ async def _drive(
                 ]
             )
         )
+    try:
+        return await _work(engine, sessions, flow, run, worker_id, fail, stop_after)
+    finally:  # the run's in-process "worker" is done: it no longer counts as live
+        async with engine.begin() as conn:
+            await conn.execute(worker_queries.retire_worker(worker_id))
+
+
+async def _work(
+    engine: AsyncEngine,
+    sessions: _Sessions,
+    flow: Flow,
+    run: Run,
+    worker_id: uuid.UUID,
+    fail: dict[str, int],
+    stop_after: str | None,
+) -> Run:
     injected: collections.Counter[tuple[str, int]] = collections.Counter()
     revealed = False
     while True:
