@@ -23,34 +23,40 @@ def _statements(statements: list[str]) -> str:
     return f"[{inner}\n    ]"
 
 
-@renderers.dispatch_for(InstallPgflowOp)
-def _render_install(autogen_context: AutogenContext, op: InstallPgflowOp) -> str:
+def _render_schema_op(
+    autogen_context: AutogenContext, op: InstallPgflowOp | UninstallPgflowOp
+) -> str:
     autogen_context.imports.add(_IMPORT)
     return (
-        f"op.invoke(pgflow_ops.InstallPgflowOp({op.version!r}, pgmq={op.pgmq!r}, "
+        f"op.invoke(pgflow_ops.{type(op).__name__}({op.version!r}, pgmq={op.pgmq!r}, "
         f"realtime_send={op.realtime_send!r}))"
     )
 
 
-@renderers.dispatch_for(UninstallPgflowOp)
-def _render_uninstall(autogen_context: AutogenContext, op: UninstallPgflowOp) -> str:
+def _render_upgrade(
+    autogen_context: AutogenContext, op: UpgradePgflowOp | KeepPgflowSchemaOp
+) -> str:
     autogen_context.imports.add(_IMPORT)
     return (
-        f"op.invoke(pgflow_ops.UninstallPgflowOp({op.version!r}, pgmq={op.pgmq!r}, "
-        f"realtime_send={op.realtime_send!r}))"
+        f"op.invoke(pgflow_ops.{type(op).__name__}({op.version!r}, previous={op.previous!r}, "
+        f"migrations={_statements(op.migrations)}))"
     )
 
 
-@renderers.dispatch_for(CreateFlowOp)
-def _render_create(autogen_context: AutogenContext, op: CreateFlowOp) -> str:
+def _render_flow(autogen_context: AutogenContext, op: CreateFlowOp | DropFlowOp) -> str:
     autogen_context.imports.add(_IMPORT)
-    return f"op.invoke(pgflow_ops.CreateFlowOp({op.flow_slug!r}, {_statements(op.statements)}))"
+    return (
+        f"op.invoke(pgflow_ops.{type(op).__name__}({op.flow_slug!r}, {_statements(op.statements)}))"
+    )
 
 
-@renderers.dispatch_for(DropFlowOp)
-def _render_drop(autogen_context: AutogenContext, op: DropFlowOp) -> str:
-    autogen_context.imports.add(_IMPORT)
-    return f"op.invoke(pgflow_ops.DropFlowOp({op.flow_slug!r}, {_statements(op.statements)}))"
+# each pair of an operation and its reverse shares one renderer
+renderers.dispatch_for(InstallPgflowOp)(_render_schema_op)
+renderers.dispatch_for(UninstallPgflowOp)(_render_schema_op)
+renderers.dispatch_for(UpgradePgflowOp)(_render_upgrade)
+renderers.dispatch_for(KeepPgflowSchemaOp)(_render_upgrade)
+renderers.dispatch_for(CreateFlowOp)(_render_flow)
+renderers.dispatch_for(DropFlowOp)(_render_flow)
 
 
 @renderers.dispatch_for(SetFlowOptionOp)
@@ -59,22 +65,4 @@ def _render_option(autogen_context: AutogenContext, op: SetFlowOptionOp) -> str:
     return (
         f"op.invoke(pgflow_ops.SetFlowOptionOp({op.flow_slug!r}, {op.step_slug!r}, "
         f"{op.option!r}, {op.value!r}, previous={op.previous!r}))"
-    )
-
-
-@renderers.dispatch_for(UpgradePgflowOp)
-def _render_upgrade(autogen_context: AutogenContext, op: UpgradePgflowOp) -> str:
-    autogen_context.imports.add(_IMPORT)
-    return (
-        f"op.invoke(pgflow_ops.UpgradePgflowOp({op.version!r}, previous={op.previous!r}, "
-        f"migrations={_statements(op.migrations)}))"
-    )
-
-
-@renderers.dispatch_for(KeepPgflowSchemaOp)
-def _render_keep(autogen_context: AutogenContext, op: KeepPgflowSchemaOp) -> str:
-    autogen_context.imports.add(_IMPORT)
-    return (
-        f"op.invoke(pgflow_ops.KeepPgflowSchemaOp({op.version!r}, previous={op.previous!r}, "
-        f"migrations={_statements(op.migrations)}))"
     )
