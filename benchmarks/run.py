@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_app import chain, noop, wide  # noqa: E402
 
-from pgflow_sa import compile_flow, install_schema  # noqa: E402
+from pgflow_sa import deploy_flows, install_schema  # noqa: E402
 from pgflow_sa.config import to_sqlalchemy_url  # noqa: E402
 
 BATCH = 10
@@ -69,10 +69,7 @@ def drop_databases(server: str) -> None:
 
 def prepare_pgflow(url: str) -> None:
     install_schema(url)
-    with psycopg.connect(url) as conn:
-        for flow in (noop, chain, wide):
-            for statement in compile_flow(flow):
-                conn.execute(statement)
+    deploy_flows(url, [noop, chain, wide])
 
 
 def start_runs(url: str, flow: str, count: int) -> None:

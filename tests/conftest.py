@@ -9,9 +9,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from sqlalchemy.engine import make_url
 
-from pgflow_sa.schema import install_schema
 from pgflow_sa.testing.plugin import DatabaseFactory, database_server_for_tests
 
 TEST_URL_ENV = "PGFLOW_SA_TEST_DATABASE_URL"
@@ -43,11 +41,7 @@ def databases(server_url: str) -> Iterator[DatabaseFactory]:
 @pytest.fixture(scope="session")
 def template_db(databases: DatabaseFactory) -> str:
     """Name of a session-wide database with the pgflow schema installed."""
-    url = databases.create(prefix="pgflow_sa_tpl")
-    install_schema(url)
-    name = make_url(url).database
-    assert name is not None
-    return name
+    return databases.create_template()
 
 
 @pytest.fixture

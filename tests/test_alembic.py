@@ -256,16 +256,12 @@ def _ops(url: str, **opts: object) -> list[tuple[object, ...]]:
 
 def test_include_hooks_and_dropping_unregistered_flows(db_url: str) -> None:
     import alembic_ext
-    from pgflow_sa import Flow, FlowRegistry, compile_flow
+    from pgflow_sa import Flow, FlowRegistry, deploy_flows
 
     kept, skipped, stray = Flow("kept"), Flow("skipped"), Flow("stray")
     for flow in (kept, skipped, stray):
         flow.step(slug="only")(lambda i, c: i)
-    engine = sync_engine(db_url)
-    with engine.begin() as conn:
-        for statement in compile_flow(stray):
-            conn.exec_driver_sql(statement)
-    engine.dispose()
+    deploy_flows(db_url, stray)
     try:
         alembic_ext.register_flows(FlowRegistry(kept, skipped))
         assert _ops(db_url) == [("create_flow", "kept"), ("create_flow", "skipped")]

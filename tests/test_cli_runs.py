@@ -11,11 +11,12 @@ import psycopg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from pgflow_sa import Context, Flow, compile_flow, to_sqlalchemy_url
+from pgflow_sa import Context, Flow, to_sqlalchemy_url
 from pgflow_sa.schema.rows import StepTaskRecord
 
 from .driver import drive
 from .helpers import CLI, assert_one_line_error, run_cli
+from .worker_harness import deploy
 
 shop = Flow("shop", max_attempts=1)
 
@@ -40,9 +41,7 @@ def handler(task: StepTaskRecord) -> Any:
 
 @pytest.fixture
 async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
-    with psycopg.connect(db_url) as conn:
-        for statement in compile_flow(shop):
-            conn.execute(statement)
+    deploy(db_url, shop)
     engine = create_async_engine(to_sqlalchemy_url(db_url, "asyncpg"))
     yield engine
     await engine.dispose()
@@ -178,10 +177,7 @@ idle.step(slug="only")(lambda i, c: i)
 def test_status_counts_queues_runs_and_live_workers(db_url: str) -> None:
     from pgflow_sa.testing import run_flow
 
-    with psycopg.connect(db_url) as conn:
-        for flow in (shop, idle):
-            for statement in compile_flow(flow):
-                conn.execute(statement)
+    deploy(db_url, shop, idle)
     run_flow(db_url, shop, {"qty": 2})  # completed
     run_flow(db_url, shop, {"qty": 1}, fail={"price": 1})  # failed (max_attempts 1)
     with psycopg.connect(db_url) as conn:

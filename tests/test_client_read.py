@@ -18,7 +18,6 @@ from pgflow_sa import (
     RunStatus,
     StepStatus,
     TaskStatus,
-    compile_flow,
     get_run_async,
     list_runs,
     list_runs_async,
@@ -29,6 +28,7 @@ from pgflow_sa._db import sync_engine
 from pgflow_sa.schema.rows import StepTaskRecord
 
 from .driver import drive
+from .worker_harness import deploy
 
 mapper = Flow("mapper", base_delay=1)
 
@@ -60,10 +60,7 @@ def handler(task: StepTaskRecord) -> Any:
 
 @pytest.fixture
 async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
-    with psycopg.connect(db_url) as conn:
-        for flow in (mapper, fragile):
-            for statement in compile_flow(flow):
-                conn.execute(statement)
+    deploy(db_url, mapper, fragile)
     engine = create_async_engine(to_sqlalchemy_url(db_url, "asyncpg"))
     yield engine
     await engine.dispose()

@@ -18,7 +18,6 @@ from pgflow_sa import (
     FlowNotFoundError,
     InvalidInputError,
     RunStatus,
-    compile_flow,
     get_run,
     get_run_async,
     start_flow,
@@ -26,6 +25,8 @@ from pgflow_sa import (
     to_sqlalchemy_url,
 )
 from pgflow_sa._db import sync_engine
+
+from .worker_harness import deploy
 
 chain = Flow("chain_flow")
 
@@ -59,10 +60,7 @@ def _counts(url: str, slug: str) -> tuple[int, int, int]:
 
 @pytest.fixture
 def url(db_url: str) -> str:
-    with psycopg.connect(db_url) as conn:
-        for flow in (chain, each):
-            for statement in compile_flow(flow):
-                conn.execute(statement)
+    deploy(db_url, chain, each)
     return db_url
 
 

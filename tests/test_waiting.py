@@ -21,7 +21,6 @@ from pgflow_sa import (
     RunNotFoundError,
     RunStatus,
     RunTimeoutError,
-    compile_flow,
     get_run_async,
     start_flow_and_wait,
     start_flow_and_wait_async,
@@ -34,6 +33,7 @@ from pgflow_sa import (
 from pgflow_sa.waiting import parse_notification, watcher_for
 
 from .driver import drive
+from .worker_harness import deploy
 
 chain = Flow("waited")
 
@@ -49,9 +49,7 @@ def second(input: Any, ctx: Context) -> Any:
 
 
 def _deploy(url: str) -> None:
-    with psycopg.connect(url) as conn:
-        for statement in compile_flow(chain):
-            conn.execute(statement)
+    deploy(url, chain)
 
 
 def _engine(url: str) -> AsyncEngine:

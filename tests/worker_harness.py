@@ -7,10 +7,9 @@ import contextlib
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-import psycopg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from pgflow_sa import Flow, compile_flow
+from pgflow_sa import Flow, deploy_flows
 from pgflow_sa.worker import Worker, WorkerSettings
 
 FAST = WorkerSettings(
@@ -23,10 +22,7 @@ FAST = WorkerSettings(
 
 
 def deploy(url: str, *flows: Flow) -> None:
-    with psycopg.connect(url) as conn:
-        for flow in flows:
-            for statement in compile_flow(flow):
-                conn.execute(statement)
+    deploy_flows(url, flows)
 
 
 @contextlib.asynccontextmanager

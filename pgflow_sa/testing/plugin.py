@@ -30,11 +30,11 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import make_url
 
-from ..compiler import compile_flow
 from ..config import to_sqlalchemy_url
 from ..embedded import EmbeddedServer
 from ..registry import FlowRegistry
 from ..schema import install_schema
+from ..schema.deploy import deploy_flows
 
 TEST_URL_ENV = "PGFLOW_SA_TEST_DATABASE_URL"
 
@@ -73,6 +73,16 @@ class DatabaseFactory:
         self._admin(statement)
         self.created.append(name)
         return with_database(self.server_url, name)
+
+    def create_template(self, flows: Any = ()) -> str:
+        """A database with pgmq, pgflow and ``flows`` installed, to clone with
+        ``create(template=name)``; returns its name."""
+        url = self.create(prefix="pgflow_sa_tpl")
+        install_schema(url)
+        deploy_flows(url, flows)
+        name = make_url(url).database
+        assert name is not None
+        return name
 
     def drop(self, url: str) -> None:
         from psycopg import sql
@@ -133,17 +143,7 @@ def pgflow_databases() -> Iterator[DatabaseFactory]:
 @pytest.fixture(scope="session")
 def pgflow_template(pgflow_databases: DatabaseFactory, pgflow_flows: Any) -> str:
     """Name of the session's template database: pgflow installed, your flows created."""
-    import psycopg
-
-    url = pgflow_databases.create(prefix="pgflow_sa_tpl")
-    install_schema(url)
-    with psycopg.connect(url) as conn:
-        for flow in FlowRegistry.of(pgflow_flows):
-            for statement in compile_flow(flow):
-                conn.execute(statement)
-    name = make_url(url).database
-    assert name is not None
-    return name
+    return pgflow_databases.create_template(pgflow_flows)
 
 
 @pytest.fixture
