@@ -31,6 +31,7 @@ from .compiler import compile_flow
 from .config import (
     DATABASE_URL_ENV,
     default_data_dir,
+    embedded_database_url,
     mask_password,
     resolve_database_url,
     to_sqlalchemy_url,
@@ -79,9 +80,8 @@ def _database_url(explicit: str | None) -> str:
     resolved = resolve_database_url(explicit)
     if resolved is not None:
         return resolved.url
-    server = EmbeddedServer(default_data_dir())
-    url = server.start()
-    click.echo(f"using the embedded PostgreSQL at {url} (files in {server.data_dir})", err=True)
+    url = embedded_database_url()
+    click.echo(f"using the embedded PostgreSQL at {url} (files in {default_data_dir()})", err=True)
     return url
 
 
@@ -129,14 +129,14 @@ def dev_db() -> None:
 @clean_errors
 def dev_db_start() -> None:
     """Start the embedded server (or find it running) and print its URL."""
-    click.echo(EmbeddedServer(default_data_dir()).start())
+    click.echo(embedded_database_url())
 
 
 @dev_db.command("url")
 @clean_errors
 def dev_db_url() -> None:
     """Print the URL of the embedded server, starting it if needed."""
-    click.echo(EmbeddedServer(default_data_dir()).start())
+    click.echo(embedded_database_url())
 
 
 @dev_db.command("status")

@@ -140,8 +140,12 @@ def get_database_url(explicit: str | None = None) -> str:
     ``PGFLOW_SA_DATABASE_URL``, else ``[tool.pgflow-sa] database-url``, else the
     embedded server (started if it is not running; files in :func:`default_data_dir`)."""
     resolved = resolve_database_url(explicit)
-    if resolved is not None:
-        return resolved.url
+    return resolved.url if resolved is not None else embedded_database_url()
+
+
+def embedded_database_url() -> str:
+    """The URL of the embedded server in :func:`default_data_dir`, starting it if it
+    is not running."""
     from .embedded import EmbeddedServer
 
     return EmbeddedServer(default_data_dir()).start()
