@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import inspect
-import logging
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -23,7 +22,15 @@ from ..exceptions import PgflowSaError
 from ..models import Run
 from ..schema import functions as fn
 from ..schema import worker_queries
-from ..worker.handlers import error_message, handler_input, json_output, typed_input
+from ..worker.handlers import (
+    complete_in_async_session,
+    complete_in_session,
+    error_message,
+    handler_input,
+    handler_logger,
+    json_output,
+    typed_input,
+)
 
 
 class InjectedFailure(Exception):
@@ -218,11 +225,10 @@ async def _run_task(
         run_id=task.run_id,
         task_index=task.task_index,
         attempt=_attempt(run, task.step_slug, task.task_index),
-        logger=logging.getLogger(f"pgflow_sa.handler.{flow.slug}.{task.step_slug}"),
+        logger=handler_logger(flow.slug, task.step_slug),
         session_factory=sessions.sync_session,
         async_session_factory=sessions.async_session,
     )
-    complete = fn.complete_task  # the task's completion, in the handler's session if it used one
     try:
         try:
             value = typed_input(step, handler_input(step, task))
@@ -231,15 +237,12 @@ async def _run_task(
             if inspect.isawaitable(result):
                 result = await result
             output = json_output(task.step_slug, result)
+            # as under a worker: in the handler's session if it used one
             if ctx.used_async_session is not None:
-                await complete(task.run_id, task.step_slug, task.task_index, output).all_async(
-                    ctx.used_async_session
-                )
-                await ctx.used_async_session.commit()
+                await complete_in_async_session(ctx.used_async_session, task, output)
                 return
             if ctx.used_session is not None:
-                complete(task.run_id, task.step_slug, task.task_index, output).all(ctx.used_session)
-                ctx.used_session.commit()
+                complete_in_session(ctx.used_session, task, output)
                 return
         finally:  # closing rolls back whatever was not committed
             if ctx.used_async_session is not None:
@@ -253,4 +256,4 @@ async def _run_task(
             ).all_async(conn)
         return
     async with engine.begin() as conn:
-        await complete(task.run_id, task.step_slug, task.task_index, output).all_async(conn)
+        await fn.complete_task(task.run_id, task.step_slug, task.task_index, output).all_async(conn)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 from functools import cache
 from typing import Any
 
 from pydantic import TypeAdapter
 from pydantic_core import to_jsonable_python
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from ..dsl import StepDefinition
+from ..schema import functions as fn
 from ..schema.rows import StepTaskRecord
 
 
@@ -63,3 +67,23 @@ def error_message(exc: BaseException) -> str:
     """How a failure is stored in pgflow: ``ExceptionType: message``."""
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def handler_logger(flow_slug: str, step_slug: str) -> logging.Logger:
+    """The logger a handler gets as ``ctx.logger``."""
+    return logging.getLogger(f"pgflow_sa.handler.{flow_slug}.{step_slug}")
+
+
+def complete_in_session(session: Session, task: StepTaskRecord, output: Any) -> None:
+    """Complete the task in the handler's ``ctx.session`` and commit: the handler's
+    writes and the completion land together."""
+    fn.complete_task(task.run_id, task.step_slug, task.task_index, output).all(session)
+    session.commit()
+
+
+async def complete_in_async_session(
+    session: AsyncSession, task: StepTaskRecord, output: Any
+) -> None:
+    """:func:`complete_in_session` for ``ctx.async_session``."""
+    await fn.complete_task(task.run_id, task.step_slug, task.task_index, output).all_async(session)
+    await session.commit()

@@ -47,9 +47,12 @@ from ..shape import diff_shapes
 from ..waiting import parse_notification
 from .handlers import (
     OutputError,
+    complete_in_async_session,
+    complete_in_session,
     error_message,
     flow_input_of,
     handler_input,
+    handler_logger,
     json_output,
     typed_input,
 )
@@ -560,7 +563,7 @@ class Worker:
             task_index=task.task_index,
             attempt=running.attempt,
             worker_id=self.worker_ids[running.flow.slug],
-            logger=logging.getLogger(f"pgflow_sa.handler.{running.flow.slug}.{task.step_slug}"),
+            logger=handler_logger(running.flow.slug, task.step_slug),
             session_factory=lambda: Session(self.sync_engine),
             async_session_factory=lambda: AsyncSession(self.engine),
         )
@@ -643,11 +646,7 @@ class Worker:
             session = ctx.used_async_session
             if session is None:
                 return _Output(output)
-            task = running.task
-            await fn.complete_task(task.run_id, task.step_slug, task.task_index, output).all_async(
-                session
-            )
-            await session.commit()
+            await complete_in_async_session(session, running.task, output)
             running.settled = True
             self.completed += 1
             return _Output(output)
@@ -672,11 +671,7 @@ class Worker:
                     if running.abandoned:
                         session.rollback()
                         return None
-                    task = running.task
-                    fn.complete_task(task.run_id, task.step_slug, task.task_index, output).all(
-                        session
-                    )
-                    session.commit()
+                    complete_in_session(session, running.task, output)
                     running.settled = True
                     self.completed += 1
                 return _Output(output)
