@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -30,6 +31,79 @@ def sync_engine(url: str | URL | Engine) -> Engine:
     return create_engine(to_sqlalchemy_url(url, "psycopg"), poolclass=NullPool)
 
 
+class ErrorKind(enum.Enum):
+    """What a database error means for whoever retries (see :func:`classify`)."""
+
+    #: the connection was lost or could not be made, or the server is starting or
+    #: stopping: retry with backoff once it is back; the work in hand stays valid
+    CONNECTION = "connection"
+    #: a conflict with other transactions or a lack of resources (lock or statement
+    #: timeout, serialization failure, deadlock, out of memory/disk/connections):
+    #: retry with backoff
+    CONFLICT = "conflict"
+    #: pgflow's start_tasks stamps started_at with the transaction's start, which can
+    #: precede the queued_at of a task committed while the statement ran: retry at once
+    RACE = "race"
+    #: the database refused the statement itself: retrying cannot help
+    REFUSED = "refused"
+
+    @property
+    def transient(self) -> bool:
+        return self is not ErrorKind.REFUSED
+
+
+_CONNECTION_STATES = ("57P01", "57P02", "57P03")
+_CONFLICT_STATES = ("40001", "40P01", "55P03", "57014")
+_START_RACE = "started_at_is_after_queued_at"
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a driver error, through SQLAlchemy's wrapper (asyncpg's adapted
+    errors and psycopg's both carry ``sqlstate``)."""
+    for candidate in (exc, getattr(exc, "orig", None), exc.__cause__):
+        code = getattr(candidate, "sqlstate", None)
+        if isinstance(code, str) and code:
+            return code
+    return None
+
+
+def classify(exc: BaseException) -> ErrorKind:
+    """The one place that decides whether a database error is worth retrying: by
+    SQLSTATE first (asyncpg's "cannot connect now" reaches SQLAlchemy as a plain
+    DBAPIError), then by what the driver says about the connection."""
+    code = sqlstate(exc)
+    if code is not None:
+        if code.startswith("08") or code in _CONNECTION_STATES:
+            return ErrorKind.CONNECTION
+        if code in _CONFLICT_STATES or code.startswith("53"):
+            return ErrorKind.CONFLICT
+        if code == "23514" and _START_RACE in str(getattr(exc, "orig", None) or exc):
+            return ErrorKind.RACE
+        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+            return ErrorKind.CONNECTION
+        return ErrorKind.REFUSED
+    if isinstance(exc, (OperationalError, InterfaceError, OSError, ConnectionError)):
+        # asyncpg lets socket errors (e.g. connection refused) through as OSError
+        return ErrorKind.CONNECTION
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return ErrorKind.CONNECTION
+    return ErrorKind.REFUSED
+
+
+def caused_by_lost_connection(exc: BaseException) -> bool:
+    """Whether an exception (say, a handler's) comes from a lost or unreachable
+    database connection, looking through its causes. Only SQLAlchemy's database
+    errors count: a handler's own socket errors (an HTTP call) are its failures."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DBAPIError) and classify(current) is ErrorKind.CONNECTION:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 @contextmanager
 def database_errors(url: str | URL | None, error: type[PgflowSaError]) -> Iterator[None]:
     """Turn driver errors into pgflow-sa errors: connection problems into
@@ -37,11 +111,8 @@ def database_errors(url: str | URL | None, error: type[PgflowSaError]) -> Iterat
     This is the one place where driver errors are translated."""
     try:
         yield
-    except (OperationalError, InterfaceError, OSError) as exc:
-        # asyncpg lets socket errors (e.g. connection refused) through as OSError
-        raise DatabaseUnavailableError(_unavailable(url, exc)) from exc
-    except DBAPIError as exc:
-        if exc.connection_invalidated:  # SQLAlchemy recognised a lost connection
+    except (DBAPIError, OSError) as exc:
+        if classify(exc) is ErrorKind.CONNECTION:
             raise DatabaseUnavailableError(_unavailable(url, exc)) from exc
         raise error(first_line(exc)) from exc
 

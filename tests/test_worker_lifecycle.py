@@ -206,14 +206,16 @@ async def test_deprecated_worker_drains_and_exits(db_url: str) -> None:
 
 
 async def _started_by_a_dead_worker(conn: AsyncConnection, count: int) -> list[uuid.UUID]:
-    """Start ``count`` runs and have a worker that then died claim their tasks long
-    ago (more than the 60 s timeout + 30 s margin)."""
+    """Start ``count`` runs and have a worker claim their tasks and then die: its last
+    heartbeat is two minutes old (more than the 30 s stall margin)."""
     runs = [(await start_flow_async(conn, slowish, {})).run_id for _ in range(count)]
     dead = uuid.uuid4()
     await conn.execute(
         sa.text(
-            "INSERT INTO pgflow.workers (worker_id, queue_name, function_name) "
-            "VALUES (:id, 'w_slowish', 'dead')"
+            "INSERT INTO pgflow.workers (worker_id, queue_name, function_name, "
+            "started_at, last_heartbeat_at) "
+            "VALUES (:id, 'w_slowish', 'dead', now() - interval '3 minutes', "
+            "now() - interval '2 minutes')"
         ),
         {"id": dead},
     )

@@ -9,21 +9,21 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Float,
     Integer,
     Text,
-    and_,
     bindparam,
     column,
     func,
     select,
     text,
-    tuple_,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql import Select, Update
+from sqlalchemy.sql.expression import ColumnClause
 
 from . import tables
 
@@ -37,24 +37,26 @@ step_tasks, steps, flows, runs, workers = (
 
 
 def register_workers(rows: Sequence[dict[str, Any]]) -> Any:
-    """One pgflow.workers row per served queue: worker_id, queue_name, function_name
-    (idempotent, so a retried registration is harmless)."""
-    return (
-        pg_insert(workers).values(list(rows)).on_conflict_do_nothing(index_elements=["worker_id"])
+    """One pgflow.workers row per served queue: worker_id, queue_name, function_name.
+    Idempotent; a worker id that stopped before (``deprecated_at``) serves again."""
+    statement = pg_insert(workers).values(list(rows))
+    return statement.on_conflict_do_update(
+        index_elements=["worker_id"],
+        set_={"deprecated_at": None, "last_heartbeat_at": func.now()},
     )
 
 
-def heartbeat(worker_ids: Sequence[uuid.UUID]) -> Update:
-    """Touch the heartbeat; returns (worker_id, queue_name, deprecated)."""
-    return (
-        update(workers)
-        .where(workers.c.worker_id.in_(worker_ids))
-        .values(last_heartbeat_at=func.now())
-        .returning(
-            workers.c.worker_id,
-            workers.c.queue_name,
-            (workers.c.deprecated_at.is_not(None)).label("deprecated"),
-        )
+def heartbeat(rows: Sequence[dict[str, Any]]) -> Any:
+    """Touch the heartbeat of each served queue's row, re-creating a row that was
+    deleted (a flow dropped and deployed again deletes its queue's worker rows);
+    returns (worker_id, queue_name, deprecated)."""
+    statement = pg_insert(workers).values(list(rows))
+    return statement.on_conflict_do_update(
+        index_elements=["worker_id"], set_={"last_heartbeat_at": func.now()}
+    ).returning(
+        workers.c.worker_id,
+        workers.c.queue_name,
+        (workers.c.deprecated_at.is_not(None)).label("deprecated"),
     )
 
 
@@ -67,56 +69,166 @@ def retire_worker(worker_id: uuid.UUID) -> Update:
     )
 
 
-def hand_back(worker_id: uuid.UUID, keys: Sequence[tuple[uuid.UUID, str, int]]) -> Update:
-    """Put tasks this worker started but will not finish back to ``queued``, without
-    counting the attempt; returns their message ids (make those visible again)."""
+Fence = tuple[uuid.UUID, str, int, uuid.UUID, int]
+"""(run_id, step_slug, task_index, worker_id, attempt): who holds a task, at which attempt."""
+
+
+def _fence_params(fences: Sequence[Fence]) -> list[Any]:
+    ordered = sorted(fences, key=lambda f: (str(f[0]), f[1], f[2]))
+    return [
+        bindparam("run_ids", [f[0] for f in ordered], type_=ARRAY(PG_UUID(as_uuid=True))),
+        bindparam("step_slugs", [f[1] for f in ordered], type_=ARRAY(Text())),
+        bindparam("task_indexes", [f[2] for f in ordered], type_=ARRAY(Integer())),
+        bindparam("worker_ids", [f[3] for f in ordered], type_=ARRAY(PG_UUID(as_uuid=True))),
+        bindparam("attempts", [f[4] for f in ordered], type_=ARRAY(Integer())),
+    ]
+
+
+# Locks the rows of the tasks still held as fenced (started, by that worker, at that
+# attempt), in key order so that two settling statements never deadlock; a row changed
+# meanwhile is re-checked against the fence after its lock is granted (READ COMMITTED).
+_OWNED = """
+owned AS MATERIALIZED (
+    SELECT t.run_id, t.step_slug, t.task_index, t.n
+    FROM unnest(:run_ids, :step_slugs, :task_indexes, :worker_ids, :attempts)
+         WITH ORDINALITY AS t(run_id, step_slug, task_index, worker_id, attempt, n)
+    JOIN pgflow.step_tasks st
+      ON st.run_id = t.run_id AND st.step_slug = t.step_slug AND st.task_index = t.task_index
+    WHERE st.status = 'started' AND st.last_worker_id = t.worker_id
+      AND st.attempts_count = t.attempt
+    ORDER BY t.run_id, t.step_slug, t.task_index
+    FOR UPDATE OF st
+)"""
+
+_SETTLED: list[ColumnClause[Any]] = [
+    column("run_id", PG_UUID(as_uuid=True)),
+    column("step_slug", Text()),
+    column("task_index", Integer()),
+]
+
+
+def complete_fenced(fences: Sequence[Fence], outputs: Sequence[Any]) -> Any:
+    """``pgflow.complete_task`` for each task still held as its fence says, in one
+    statement; returns the keys it completed (a missing key: the task was lost).
+    Outputs travel as one JSON array in fence order, so falsy values stay themselves."""
+    order = sorted(
+        range(len(fences)), key=lambda i: (str(fences[i][0]), fences[i][1], fences[i][2])
+    )
+    sql = f"""
+WITH {_OWNED}
+SELECT o.run_id, o.step_slug, o.task_index
+FROM owned o
+CROSS JOIN LATERAL (
+    SELECT count(*) FROM pgflow.complete_task(
+        o.run_id, o.step_slug, o.task_index, (:outputs) -> (o.n::int - 1))
+) AS c
+ORDER BY o.run_id, o.step_slug, o.task_index
+"""
     return (
-        update(step_tasks)
-        .where(
-            step_tasks.c.status == "started",
-            step_tasks.c.last_worker_id == worker_id,
-            tuple_(step_tasks.c.run_id, step_tasks.c.step_slug, step_tasks.c.task_index).in_(
-                list(keys)
-            ),
+        text(sql)
+        .bindparams(
+            *_fence_params(fences),
+            bindparam("outputs", [outputs[i] for i in order], type_=JSONB(none_as_null=False)),
         )
-        .values(
-            status="queued",
-            started_at=None,
-            last_worker_id=None,
-            attempts_count=func.greatest(step_tasks.c.attempts_count - 1, 0),
-        )
-        .returning(step_tasks.c.message_id)
+        .columns(*_SETTLED)
     )
 
 
-def stalled_tasks(flow_slugs: Sequence[str], margin_seconds: int, limit: int) -> Select[Any]:
-    """Tasks started longer ago than their step timeout plus ``margin_seconds`` (their
-    worker died), locked so that another worker's recovery skips them."""
-    timeout = func.coalesce(steps.c.opt_timeout, flows.c.opt_timeout)
-    return (
-        select(
-            step_tasks.c.run_id,
-            step_tasks.c.step_slug,
-            step_tasks.c.task_index,
-            step_tasks.c.flow_slug,
-        )
-        .join(
-            steps,
-            and_(
-                steps.c.flow_slug == step_tasks.c.flow_slug,
-                steps.c.step_slug == step_tasks.c.step_slug,
-            ),
-        )
-        .join(flows, flows.c.flow_slug == step_tasks.c.flow_slug)
-        .where(
-            step_tasks.c.flow_slug.in_(flow_slugs),
-            step_tasks.c.status == "started",
-            step_tasks.c.started_at
-            < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, timeout + margin_seconds),
-        )
-        .limit(limit)
-        .with_for_update(of=step_tasks, skip_locked=True)
+def fail_fenced(fences: Sequence[Fence], messages: Sequence[str]) -> Any:
+    """``pgflow.fail_task`` (retry or give up, as pgflow decides) for each task still
+    held as its fence says; returns the keys it failed."""
+    order = sorted(
+        range(len(fences)), key=lambda i: (str(fences[i][0]), fences[i][1], fences[i][2])
     )
+    sql = f"""
+WITH {_OWNED}
+SELECT o.run_id, o.step_slug, o.task_index
+FROM owned o
+CROSS JOIN LATERAL (
+    SELECT count(*) FROM pgflow.fail_task(
+        o.run_id, o.step_slug, o.task_index, (:messages)[o.n::int])
+) AS f
+ORDER BY o.run_id, o.step_slug, o.task_index
+"""
+    return (
+        text(sql)
+        .bindparams(
+            *_fence_params(fences),
+            bindparam("messages", [messages[i] for i in order], type_=ARRAY(Text())),
+        )
+        .columns(*_SETTLED)
+    )
+
+
+def hand_back_fenced(fences: Sequence[Fence], delay_seconds: int = 0) -> Any:
+    """Put tasks still held as their fences say back to ``queued`` without counting the
+    attempt, and make their messages visible after ``delay_seconds``; returns the keys
+    handed back."""
+    sql = f"""
+WITH {_OWNED},
+back AS (
+    UPDATE pgflow.step_tasks st
+    SET status = 'queued', started_at = NULL, last_worker_id = NULL,
+        attempts_count = greatest(st.attempts_count - 1, 0)
+    FROM owned o
+    WHERE st.run_id = o.run_id AND st.step_slug = o.step_slug AND st.task_index = o.task_index
+    RETURNING st.run_id, st.step_slug, st.task_index, st.flow_slug, st.message_id
+)
+SELECT b.run_id, b.step_slug, b.task_index
+FROM back b
+CROSS JOIN LATERAL (
+    SELECT count(*) FROM pgmq.set_vt(b.flow_slug, b.message_id, :delay)
+    WHERE b.message_id IS NOT NULL
+) AS v
+"""
+    return (
+        text(sql)
+        .bindparams(*_fence_params(fences), bindparam("delay", delay_seconds, type_=Integer()))
+        .columns(*_SETTLED)
+    )
+
+
+def abandoned_tasks(flow_slugs: Sequence[str], margin_seconds: float, limit: int) -> Any:
+    """Started tasks of the given flows whose worker is gone: its ``pgflow.workers`` row
+    is missing, or has not heartbeaten for ``margin_seconds``. A live worker's task is
+    never listed, however long it runs. Rows are locked (SKIP LOCKED), so two
+    recovering workers never take the same task. Returns fences."""
+    sql = """
+SELECT st.run_id, st.step_slug, st.task_index, st.last_worker_id AS worker_id,
+       st.attempts_count AS attempt
+FROM pgflow.step_tasks st
+LEFT JOIN pgflow.workers w ON w.worker_id = st.last_worker_id
+WHERE st.flow_slug = ANY(:flow_slugs) AND st.status = 'started'
+  AND (w.worker_id IS NULL
+       OR w.last_heartbeat_at < now() - make_interval(secs => :margin))
+ORDER BY st.run_id, st.step_slug, st.task_index
+LIMIT :limit
+FOR UPDATE OF st SKIP LOCKED
+"""
+    return (
+        text(sql)
+        .bindparams(
+            bindparam("flow_slugs", list(flow_slugs), type_=ARRAY(Text())),
+            bindparam("margin", float(margin_seconds), type_=Float()),
+            bindparam("limit", limit, type_=Integer()),
+        )
+        .columns(
+            *_SETTLED,
+            column("worker_id", PG_UUID(as_uuid=True)),
+            column("attempt", Integer()),
+        )
+    )
+
+
+def held_tasks(worker_ids: Sequence[uuid.UUID]) -> Any:
+    """Tasks the database says these worker ids hold (status started). Returns fences."""
+    return select(
+        step_tasks.c.run_id,
+        step_tasks.c.step_slug,
+        step_tasks.c.task_index,
+        step_tasks.c.last_worker_id.label("worker_id"),
+        step_tasks.c.attempts_count.label("attempt"),
+    ).where(step_tasks.c.status == "started", step_tasks.c.last_worker_id.in_(worker_ids))
 
 
 def run_inputs(run_ids: Sequence[uuid.UUID]) -> Select[Any]:
@@ -142,56 +254,52 @@ def pgmq_insert_channel(queue_name: str) -> str:
 
 _CLAIM_SQL = """
 WITH msgs AS MATERIALIZED (
-    -- hidden for the task's whole time budget at once: the read and start_tasks
-    -- commit together, so a message read here is either claimed or has no
-    -- queued task behind it (which also covers pgflow 0.8.1's start_tasks not
-    -- extending the visibility itself)
-    SELECT msg_id FROM pgmq.read(:queue, :vt, :qty)
+    -- hidden for the flow's longest step timeout (as it is now) plus a margin: the
+    -- read and start_tasks commit together, so a message read here is either claimed
+    -- or has no queued task behind it (which also covers pgflow 0.8.1's start_tasks
+    -- not extending the visibility itself)
+    SELECT msg_id FROM pgmq.read(
+        :queue,
+        (SELECT max(coalesce(s.opt_timeout, f.opt_timeout))::int + :vt_margin
+         FROM pgflow.steps s JOIN pgflow.flows f ON f.flow_slug = s.flow_slug
+         WHERE s.flow_slug = :queue),
+        :qty)
 ), claimed AS MATERIALIZED (
     SELECT t.* FROM pgflow.start_tasks(:queue, ARRAY(SELECT msg_id FROM msgs), :worker_id) AS t
 )
 SELECT m.read_count,
-       x.run_id, x.step_slug, x.input, x.msg_id, x.task_index, x.attempt, x.run_input,
-       x.run_visible
+       x.run_id, x.step_slug, x.input, x.msg_id, x.task_index, x.attempt, x.timeout
 FROM (SELECT count(*) AS read_count FROM msgs) AS m
 LEFT JOIN (
     -- The joins below read with the statement's snapshot, taken before pgmq.read and
     -- start_tasks ran: they never drop a claimed task (LEFT JOIN), and see the
     -- attempts_count before start_tasks' increment. A task row they cannot see was
-    -- created after the snapshot, so this is its first attempt; a run they cannot
-    -- see (run_visible false) has its input fetched separately when needed.
+    -- created after the snapshot, so this is its first attempt.
     SELECT c.run_id, c.step_slug, c.input, c.msg_id, c.task_index,
            coalesce(st.attempts_count, 0) + 1 AS attempt,
-           CASE WHEN c.step_slug = ANY(:map_steps) THEN r.input END AS run_input,
-           r.run_id IS NOT NULL AS run_visible
+           coalesce(s.opt_timeout, f.opt_timeout) AS timeout
     FROM claimed c
     LEFT JOIN pgflow.step_tasks st
       ON st.run_id = c.run_id AND st.step_slug = c.step_slug AND st.task_index = c.task_index
-    LEFT JOIN pgflow.runs r ON r.run_id = c.run_id
+    LEFT JOIN pgflow.steps s ON s.flow_slug = :queue AND s.step_slug = c.step_slug
+    LEFT JOIN pgflow.flows f ON f.flow_slug = :queue
 ) AS x ON true
 """
 
 
-def claim(
-    queue: str,
-    visibility_timeout: int,
-    qty: int,
-    worker_id: uuid.UUID,
-    map_steps: Sequence[str],
-) -> Any:
-    """Read up to ``qty`` messages hiding them for ``visibility_timeout`` seconds (the
-    flow's longest step timeout plus a margin) and start their tasks, in one statement
-    (one round trip, atomic without a transaction block). Rows: read_count, and per
-    claimed task run_id, step_slug, input, msg_id, task_index, attempt and (for
-    ``map_steps``) run_input; one row of nulls when nothing was claimed."""
+def claim(queue: str, vt_margin: int, qty: int, worker_id: uuid.UUID) -> Any:
+    """Read up to ``qty`` messages and start their tasks in one statement (one round
+    trip, atomic without a transaction block). The messages stay hidden for the
+    flow's longest step timeout plus ``vt_margin`` seconds. Rows: read_count, and per
+    claimed task run_id, step_slug, input, msg_id, task_index, attempt and the step's
+    timeout as it is now; one row of nulls when nothing was claimed."""
     return (
         text(_CLAIM_SQL)
         .bindparams(
             bindparam("queue", queue, type_=Text()),
-            bindparam("vt", visibility_timeout, type_=Integer()),
+            bindparam("vt_margin", vt_margin, type_=Integer()),
             bindparam("qty", qty, type_=Integer()),
             bindparam("worker_id", worker_id, type_=PG_UUID(as_uuid=True)),
-            bindparam("map_steps", list(map_steps), type_=ARRAY(Text())),
         )
         .columns(
             column("read_count", BigInteger()),
@@ -201,27 +309,8 @@ def claim(
             column("msg_id", BigInteger()),
             column("task_index", Integer()),
             column("attempt", Integer()),
-            column("run_input", JSONB()),
+            column("timeout", Integer()),
         )
-    )
-
-
-_COMPLETE_MANY_SQL = """
-SELECT count(*) AS completed
-FROM unnest(:run_ids, :step_slugs, :task_indexes) WITH ORDINALITY
-     AS t(run_id, step_slug, task_index, n),
-LATERAL pgflow.complete_task(t.run_id, t.step_slug, t.task_index, (:outputs) -> (t.n::int - 1))
-"""
-
-
-def complete_many(keys: Sequence[tuple[uuid.UUID, str, int]], outputs: Sequence[Any]) -> Any:
-    """``pgflow.complete_task`` for several tasks in one statement. Outputs travel as one
-    JSON array, so falsy values (0, false, "", null) stay themselves."""
-    return text(_COMPLETE_MANY_SQL).bindparams(
-        bindparam("run_ids", [k[0] for k in keys], type_=ARRAY(PG_UUID(as_uuid=True))),
-        bindparam("step_slugs", [k[1] for k in keys], type_=ARRAY(Text())),
-        bindparam("task_indexes", [k[2] for k in keys], type_=ARRAY(Integer())),
-        bindparam("outputs", list(outputs), type_=JSONB(none_as_null=False)),
     )
 
 

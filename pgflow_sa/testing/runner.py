@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import inspect
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -16,21 +15,14 @@ from sqlalchemy.orm import Session
 
 from ..client import get_run_async, start_flow_async
 from ..config import to_sqlalchemy_url
-from ..context import Context
 from ..dsl import Flow
 from ..exceptions import PgflowSaError
 from ..models import Run
 from ..schema import functions as fn
 from ..schema import worker_queries
-from ..worker.handlers import (
-    complete_in_async_session,
-    complete_in_session,
-    error_message,
-    handler_input,
-    handler_logger,
-    json_output,
-    typed_input,
-)
+from ..worker.execute import FlowInputs, Sessions, TaskRunner
+from ..worker.settle import Settler
+from ..worker.task import ClaimedTask
 
 
 class InjectedFailure(Exception):
@@ -153,6 +145,17 @@ async def _work(
     fail: dict[str, int],
     stop_after: str | None,
 ) -> Run:
+    settler = Settler(engine, max_backoff=1.0)
+
+    async def complete(task: ClaimedTask, output: Any) -> None:
+        await settler.complete([(task, output)])
+
+    runner = TaskRunner(
+        settler,
+        complete,
+        Sessions(sync=sessions.sync_session, async_=sessions.async_session),
+        FlowInputs(engine),
+    )
     injected: collections.Counter[tuple[str, int]] = collections.Counter()
     revealed = False
     while True:
@@ -161,6 +164,7 @@ async def _work(
             assert current is not None
             if current.finished or _stopped(current, stop_after):
                 return current
+            timeouts = dict((await conn.execute(worker_queries.step_timeouts(flow.slug))).all())
             ids = list(
                 (
                     await conn.execute(worker_queries.read_run_messages(flow.slug, run.run_id))
@@ -179,8 +183,29 @@ async def _work(
             revealed = True
             continue
         revealed = False
-        for task in sorted(tasks, key=lambda t: (t.step_slug, t.task_index)):
-            await _run_task(engine, sessions, flow, task, current, injected, fail)
+        for record in sorted(tasks, key=lambda t: (t.step_slug, t.task_index)):
+            task = ClaimedTask(
+                flow=flow,
+                step=flow.get_step(record.step_slug),
+                record=record,
+                worker_id=worker_id,
+                attempt=_attempt(current, record.step_slug, record.task_index),
+                timeout=timeouts[record.step_slug],
+                flow_input=current.input,
+            )
+            key = (record.step_slug, record.task_index)
+            if injected[key] < fail.get(record.step_slug, 0):
+                injected[key] += 1
+                await runner.run(task, handler=_injected(injected[key], record.step_slug))
+            else:
+                await runner.run(task)
+
+
+def _injected(attempt: int, step_slug: str) -> Any:
+    def inject(*_: Any) -> None:
+        raise InjectedFailure(f"attempt {attempt} of {step_slug!r}")
+
+    return inject
 
 
 def _attempt(run: Run, step_slug: str, task_index: int) -> int:
@@ -199,61 +224,3 @@ def _stopped(run: Run, stop_after: str | None) -> bool:
     return any(
         s.step_slug == stop_after and s.status.value in ("completed", "failed") for s in run.steps
     )
-
-
-async def _run_task(
-    engine: AsyncEngine,
-    sessions: _Sessions,
-    flow: Flow,
-    task: Any,
-    run: Run,
-    injected: collections.Counter[tuple[str, int]],
-    fail: dict[str, int],
-) -> None:
-    step = flow.get_step(task.step_slug)
-    key = (task.step_slug, task.task_index)
-    if injected[key] < fail.get(task.step_slug, 0):
-        injected[key] += 1
-        error = error_message(InjectedFailure(f"attempt {injected[key]} of {task.step_slug!r}"))
-        async with engine.begin() as conn:
-            await fn.fail_task(task.run_id, task.step_slug, task.task_index, error).all_async(conn)
-        return
-    ctx = Context(
-        flow_slug=flow.slug,
-        step_slug=task.step_slug,
-        flow_input=run.input,
-        run_id=task.run_id,
-        task_index=task.task_index,
-        attempt=_attempt(run, task.step_slug, task.task_index),
-        logger=handler_logger(flow.slug, task.step_slug),
-        session_factory=sessions.sync_session,
-        async_session_factory=sessions.async_session,
-    )
-    try:
-        try:
-            value = typed_input(step, handler_input(step, task))
-            args = (value, ctx) if step.takes_context else (value,)
-            result = step.handler(*args)
-            if inspect.isawaitable(result):
-                result = await result
-            output = json_output(task.step_slug, result)
-            # as under a worker: in the handler's session if it used one
-            if ctx.used_async_session is not None:
-                await complete_in_async_session(ctx.used_async_session, task, output)
-                return
-            if ctx.used_session is not None:
-                complete_in_session(ctx.used_session, task, output)
-                return
-        finally:  # closing rolls back whatever was not committed
-            if ctx.used_async_session is not None:
-                await ctx.used_async_session.close()
-            if ctx.used_session is not None:
-                ctx.used_session.close()
-    except Exception as exc:
-        async with engine.begin() as conn:
-            await fn.fail_task(
-                task.run_id, task.step_slug, task.task_index, error_message(exc)
-            ).all_async(conn)
-        return
-    async with engine.begin() as conn:
-        await fn.complete_task(task.run_id, task.step_slug, task.task_index, output).all_async(conn)

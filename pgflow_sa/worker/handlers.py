@@ -13,8 +13,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from ..dsl import StepDefinition
-from ..schema import functions as fn
+from ..schema import worker_queries
 from ..schema.rows import StepTaskRecord
+from ..schema.worker_queries import Fence
 
 
 class OutputError(TypeError):
@@ -74,16 +75,34 @@ def handler_logger(flow_slug: str, step_slug: str) -> logging.Logger:
     return logging.getLogger(f"pgflow_sa.handler.{flow_slug}.{step_slug}")
 
 
-def complete_in_session(session: Session, task: StepTaskRecord, output: Any) -> None:
-    """Complete the task in the handler's ``ctx.session`` and commit: the handler's
-    writes and the completion land together."""
-    fn.complete_task(task.run_id, task.step_slug, task.task_index, output).all(session)
-    session.commit()
+class SessionSettleError(Exception):
+    """Completing the task in the handler's own session failed; ``__cause__`` says why
+    (the handler's writes were rolled back with it)."""
 
 
-async def complete_in_async_session(
-    session: AsyncSession, task: StepTaskRecord, output: Any
-) -> None:
+def complete_in_session(session: Session, fence: Fence, output: Any) -> bool:
+    """Complete the task in the handler's ``ctx.session`` and commit, only if the task
+    is still held as ``fence`` says: the handler's writes and the completion land
+    together, or neither does. False: the task was lost (everything rolled back)."""
+    try:
+        held = session.execute(worker_queries.complete_fenced([fence], [output])).first()
+        if held is None:
+            session.rollback()
+            return False
+        session.commit()
+    except Exception as exc:
+        raise SessionSettleError(str(exc)) from exc
+    return True
+
+
+async def complete_in_async_session(session: AsyncSession, fence: Fence, output: Any) -> bool:
     """:func:`complete_in_session` for ``ctx.async_session``."""
-    await fn.complete_task(task.run_id, task.step_slug, task.task_index, output).all_async(session)
-    await session.commit()
+    try:
+        held = (await session.execute(worker_queries.complete_fenced([fence], [output]))).first()
+        if held is None:
+            await session.rollback()
+            return False
+        await session.commit()
+    except Exception as exc:
+        raise SessionSettleError(str(exc)) from exc
+    return True

@@ -20,19 +20,19 @@ class WorkerSettings:
     max_concurrency: int = 10
     #: most messages claimed per read (never more than the free slots)
     batch_size: int = 10
-    #: a claimed message stays hidden for the flow's longest step timeout plus this many seconds
+    #: a claimed message stays hidden for the flow's longest step timeout (as it is when
+    #: claimed) plus this many seconds
     visibility_timeout: int = 2
     #: seconds between reads of an idle queue when woken by notifications
     poll_interval: float = 1.0
     #: seconds between reads of an idle queue when no notifications arrive
     fallback_poll_interval: float = 0.2
-    #: threads for sync handlers (0: as many as max_concurrency)
-    sync_threads: int = 0
     #: seconds in-flight tasks get to finish after a stop request; the rest are handed back
     shutdown_timeout: float = 30.0
     #: seconds between heartbeats (pgflow.workers.last_heartbeat_at)
     heartbeat_interval: float = 5.0
-    #: a started task is stalled (its worker died) after its step timeout plus this many seconds
+    #: a worker that has not heartbeaten for this many seconds is gone: its started tasks
+    #: are failed so that pgflow retries them (a live worker's tasks are never taken)
     stall_margin: int = 30
     #: seconds between checks for stalled tasks
     recovery_interval: float = 15.0
@@ -58,6 +58,7 @@ class WorkerSettings:
             "heartbeat_interval",
             "recovery_interval",
             "max_backoff",
+            "stall_margin",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -69,13 +70,15 @@ class WorkerSettings:
                 "worker setting plan_cache_mode must be auto, force_custom_plan or "
                 f"force_generic_plan, not {self.plan_cache_mode!r}"
             )
-        for name in ("sync_threads", "shutdown_timeout", "stall_margin", "connection_lifetime"):
+        if self.stall_margin <= self.heartbeat_interval:
+            raise ConfigurationError(
+                f"worker setting stall_margin ({self.stall_margin} s) must be longer than "
+                f"heartbeat_interval ({self.heartbeat_interval} s), or live workers would "
+                "look gone"
+            )
+        for name in ("shutdown_timeout", "connection_lifetime"):
             if getattr(self, name) < 0:
                 raise ConfigurationError(f"worker setting {name} must not be negative")
-
-    @property
-    def thread_count(self) -> int:
-        return self.sync_threads or self.max_concurrency
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> WorkerSettings:

@@ -1,0 +1,193 @@
+"""Claiming tasks: one concurrency budget for the whole worker, taken before a claim,
+and one poller per served flow that reads the queue and starts tasks in one
+statement."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .. import events
+from .._db import ErrorKind, classify, first_line, sqlstate
+from ..dsl import Flow
+from ..schema import worker_queries
+from ..schema.rows import StepTaskRecord
+from .backoff import Backoff
+from .settings import WorkerSettings
+from .task import ClaimedTask
+
+logger = logging.getLogger("pgflow_sa.worker")
+
+#: SQLSTATE of a foreign key violation: start_tasks names a worker row that is gone
+_FOREIGN_KEY_VIOLATION = "23503"
+
+
+class Budget:
+    """The worker's concurrency slots. A slot is taken before claiming and held until
+    the task's handler has really ended."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.free = size
+        self._changed = asyncio.Event()
+
+    async def take(self, most: int, stopping: asyncio.Event) -> int:
+        """Take between 1 and ``most`` slots, waiting for one; 0 once stopping."""
+        while self.free <= 0:
+            if stopping.is_set():
+                return 0
+            self._changed.clear()
+            waiter = asyncio.ensure_future(self._changed.wait())
+            stop = asyncio.ensure_future(stopping.wait())
+            try:
+                await asyncio.wait([waiter, stop], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+                stop.cancel()
+        if stopping.is_set():
+            return 0
+        taken = min(most, self.free)
+        self.free -= taken
+        return taken
+
+    def give(self, count: int = 1) -> None:
+        if count:
+            self.free += count
+            self._changed.set()
+
+    @property
+    def in_use(self) -> int:
+        return self.size - self.free
+
+
+class Poller:
+    """Reads one flow's queue whenever the worker has free slots and the queue may have
+    work: woken by notifications, or after a poll interval."""
+
+    def __init__(
+        self,
+        flow: Flow,
+        worker_id: uuid.UUID,
+        engine: AsyncEngine,
+        settings: WorkerSettings,
+        budget: Budget,
+        launch: Callable[[ClaimedTask], None],
+        reregister: Callable[[], Awaitable[None]],
+        notified: Callable[[], bool],
+    ) -> None:
+        self.flow = flow
+        self.worker_id = worker_id
+        self.wake = asyncio.Event()
+        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._settings = settings
+        self._budget = budget
+        self._launch = launch
+        self._reregister = reregister
+        self._notified = notified
+        #: claims whose statement may have started tasks not yet launched
+        self.in_flight: set[asyncio.Future[None]] = set()
+        self.deprecated = False
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        backoff = Backoff(self._settings.max_backoff)
+        while not stopping.is_set() and not self.deprecated:
+            qty = await self._budget.take(self._settings.batch_size, stopping)
+            if qty == 0:
+                break
+            self.wake.clear()
+            started = time.monotonic()
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.in_flight.add(done)
+            try:
+                claimed, read = await self._claim(qty)
+            except (DBAPIError, OSError) as exc:
+                self._budget.give(qty)
+                await self._after_error(exc, backoff, stopping)
+                continue
+            finally:
+                self.in_flight.discard(done)
+                done.set_result(None)
+            backoff.reset()
+            self._budget.give(qty - len(claimed))
+            events.emit(
+                "poll",
+                {"messages": read, "duration_s": time.monotonic() - started},
+                flow_slug=self.flow.slug,
+                requested=qty,
+            )
+            if read >= qty:
+                continue  # a full batch: there may be more waiting
+            interval = (
+                self._settings.poll_interval
+                if self._notified()
+                else self._settings.fallback_poll_interval
+            )
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(_either(self.wake, stopping), interval)
+
+    async def _after_error(
+        self, exc: BaseException, backoff: Backoff, stopping: asyncio.Event
+    ) -> None:
+        kind = classify(exc)
+        if kind is ErrorKind.RACE:
+            logger.debug("claim on %s raced a new task (%s); again", self.flow.slug, exc)
+            return
+        if sqlstate(exc) == _FOREIGN_KEY_VIOLATION:
+            logger.warning(
+                "the worker row for %s is gone (the flow was dropped or the row deleted); "
+                "registering again",
+                self.flow.slug,
+            )
+            with contextlib.suppress(DBAPIError, OSError):
+                await self._reregister()
+        delay = await backoff.sleep(stopping)
+        log = logger.warning if kind.transient else logger.error
+        log(
+            "claiming tasks of %s failed (%s: %s); retried after %.1f s",
+            self.flow.slug,
+            kind.value,
+            first_line(exc),
+            delay,
+        )
+
+    async def _claim(self, qty: int) -> tuple[list[ClaimedTask], int]:
+        """One round trip (see worker_queries.claim); every claimed task is launched
+        before this returns."""
+        statement = worker_queries.claim(
+            self.flow.slug, self._settings.visibility_timeout, qty, self.worker_id
+        )
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(statement)).all()
+        claimed = [
+            ClaimedTask(
+                flow=self.flow,
+                step=self.flow.get_step(row.step_slug),
+                record=StepTaskRecord(
+                    self.flow.slug, row.run_id, row.step_slug, row.input, row.msg_id, row.task_index
+                ),
+                worker_id=self.worker_id,
+                attempt=row.attempt,
+                timeout=row.timeout,
+            )
+            for row in rows
+            if row.run_id is not None
+        ]
+        for task in claimed:
+            self._launch(task)
+        return claimed, rows[0].read_count if rows else 0
+
+
+async def _either(first: asyncio.Event, second: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -1,0 +1,205 @@
+"""Settling tasks: every completion, failure and hand-back is fenced (it applies only
+while the task is still started by this worker at this attempt, checked in the same
+statement as the write) and retried through transient database errors, so a result
+is never thrown away and never written twice."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .. import events
+from .._db import ErrorKind, classify, first_line
+from ..schema import worker_queries
+from .backoff import Backoff
+from .task import ClaimedTask, TaskKey, TaskState
+
+logger = logging.getLogger("pgflow_sa.worker")
+
+_DB_ERRORS = (DBAPIError, OSError)
+
+
+class _Refused(Exception):
+    """The database refused a settling statement (not worth retrying)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(first_line(cause))
+
+
+class Settler:
+    """Writes the outcome of tasks. ``deadline()`` returns a ``time.monotonic()`` after
+    which retries stop (set when a shutdown runs out of time), or None."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        max_backoff: float,
+        deadline: Callable[[], float | None] = lambda: None,
+    ) -> None:
+        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._max_backoff = max_backoff
+        self._deadline = deadline
+        self.completed = 0
+        self.failed = 0
+        self.handed_back = 0
+        self.lost = 0
+
+    async def complete(self, items: Sequence[tuple[ClaimedTask, Any]]) -> None:
+        """Complete tasks with their outputs in one statement. A refusal (say, an
+        output PostgreSQL cannot store) is isolated by completing them one by one;
+        the refused task is failed with the reason instead."""
+        if not items:
+            return
+        statement = worker_queries.complete_fenced(
+            [t.fence for t, _ in items], [output for _, output in items]
+        )
+        try:
+            done = await self._write(statement, f"completing {len(items)} task(s)")
+        except _Refused as refused:
+            if len(items) > 1:
+                for item in items:
+                    await self.complete([item])
+                return
+            task = items[0][0]
+            logger.error("pgflow refused to complete %s: %s", task.describe(), refused)
+            await self.fail([(task, f"pgflow refused the output: {refused}")])
+            return
+        if done is None:
+            return
+        self._record([t for t, _ in items], done, TaskState.SETTLED)
+        self.completed += sum(1 for t, _ in items if t.key in done)
+
+    async def fail(self, items: Sequence[tuple[ClaimedTask, str]]) -> None:
+        """Fail tasks (pgflow retries them after its delay, or gives up)."""
+        if not items:
+            return
+        statement = worker_queries.fail_fenced(
+            [t.fence for t, _ in items], [message for _, message in items]
+        )
+        try:
+            done = await self._write(statement, f"failing {len(items)} task(s)")
+        except _Refused as refused:
+            for task, _ in items:
+                logger.error("pgflow refused to fail %s: %s", task.describe(), refused)
+            return
+        if done is None:
+            return
+        self._record([t for t, _ in items], done, TaskState.SETTLED)
+        self.failed += sum(1 for t, _ in items if t.key in done)
+
+    async def hand_back(self, tasks: Sequence[ClaimedTask], delay_seconds: int = 0) -> int:
+        """Return tasks to the queue without counting their attempt; their messages
+        become visible after ``delay_seconds``."""
+        if not tasks:
+            return 0
+        statement = worker_queries.hand_back_fenced([t.fence for t in tasks], delay_seconds)
+        try:
+            done = await self._write(statement, f"handing back {len(tasks)} task(s)")
+        except _Refused as refused:
+            logger.error("pgflow refused to hand back %d task(s): %s", len(tasks), refused)
+            return 0
+        if done is None:
+            return 0
+        self._record(tasks, done, TaskState.HANDED_BACK)
+        self.handed_back += len(done)
+        return len(done)
+
+    def _record(self, tasks: Sequence[ClaimedTask], done: set[TaskKey], state: TaskState) -> None:
+        for task in tasks:
+            if task.key in done:
+                task.state = state
+            else:
+                self.mark_lost(task)
+
+    def mark_lost(self, task: ClaimedTask) -> None:
+        task.state = TaskState.LOST
+        self.lost += 1
+        logger.warning(
+            "lost task %s: the database no longer says this worker holds it at this "
+            "attempt (its worker was presumed gone and another took it over, or it was "
+            "handed back); nothing of this attempt was written",
+            task.describe(),
+        )
+        events.emit(
+            "task.lost",
+            flow_slug=task.record.flow_slug,
+            step_slug=task.record.step_slug,
+            run_id=str(task.record.run_id),
+            task_index=task.record.task_index,
+            attempt=task.attempt,
+        )
+
+    async def _write(self, statement: Any, what: str) -> set[TaskKey] | None:
+        """Run a fenced statement; the keys it settled. Transient errors are retried
+        with backoff (a retried statement is fenced too, so a write that did commit
+        before the connection broke is not repeated). None: gave up at the deadline."""
+        backoff = Backoff(self._max_backoff)
+        while True:
+            try:
+                async with self._engine.connect() as conn:
+                    rows = (await conn.execute(statement)).all()
+                return {(r.run_id, r.step_slug, r.task_index) for r in rows}
+            except _DB_ERRORS as exc:
+                kind = classify(exc)
+                if kind is ErrorKind.REFUSED:
+                    raise _Refused(exc) from exc
+                deadline = self._deadline()
+                if deadline is not None and time.monotonic() >= deadline:
+                    logger.error(
+                        "%s failed (%s) and the worker is out of time; the tasks will be "
+                        "recovered by another worker once this one is gone",
+                        what,
+                        first_line(exc),
+                    )
+                    return None
+                delay = 0.0 if kind is ErrorKind.RACE else backoff.next_delay()
+                logger.warning(
+                    "%s failed (%s: %s); retrying in %.1f s",
+                    what,
+                    kind.value,
+                    first_line(exc),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+
+class CompletionBatcher:
+    """Group commit: completions that arrive while one is being written go together
+    in the next statement."""
+
+    def __init__(self, settler: Settler) -> None:
+        self._settler = settler
+        self._pending: list[tuple[ClaimedTask, Any, asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+
+    async def complete(self, task: ClaimedTask, output: Any) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((task, output, done))
+        self._wake.set()
+        await done
+
+    async def run(self) -> None:
+        """Write pending completions until cancelled (cancel only when none are
+        awaited any more)."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            if not batch:
+                continue
+            try:
+                await self._settler.complete([(task, output) for task, output, _ in batch])
+            except BaseException as exc:
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                raise
+            for _, _, done in batch:
+                if not done.done():
+                    done.set_result(None)

@@ -1,0 +1,63 @@
+"""A claimed task and the states it goes through in a worker."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..dsl import Flow, StepDefinition
+from ..schema.rows import StepTaskRecord
+from ..schema.worker_queries import Fence
+
+TaskKey = tuple[uuid.UUID, str, int]
+
+
+class TaskState(enum.Enum):
+    """claimed -> running -> settling -> settled | handed_back | lost."""
+
+    CLAIMED = "claimed"
+    #: its handler runs (or, timed out or shut down, its thread has not ended yet)
+    RUNNING = "running"
+    #: its handler ended; the completion or failure is being written
+    SETTLING = "settling"
+    #: completed or failed in the database by this worker
+    SETTLED = "settled"
+    #: put back to queued by this worker (shutdown, lost connection in the handler)
+    HANDED_BACK = "handed_back"
+    #: the database no longer says this worker holds it at this attempt
+    LOST = "lost"
+
+    @property
+    def final(self) -> bool:
+        return self in (TaskState.SETTLED, TaskState.HANDED_BACK, TaskState.LOST)
+
+
+@dataclass(eq=False)
+class ClaimedTask:
+    """A task this worker started: what to run, and the fence that every settle of
+    it must still match (worker id and attempt)."""
+
+    flow: Flow
+    step: StepDefinition
+    record: StepTaskRecord
+    worker_id: uuid.UUID
+    attempt: int
+    #: the step timeout in seconds, as the database said when the task was claimed
+    timeout: int
+    state: TaskState = TaskState.CLAIMED
+    #: the flow input, for handlers of map steps (their task input is the element)
+    flow_input: Any = field(default=None, repr=False)
+
+    @property
+    def key(self) -> TaskKey:
+        return (self.record.run_id, self.record.step_slug, self.record.task_index)
+
+    @property
+    def fence(self) -> Fence:
+        return (*self.key, self.worker_id, self.attempt)
+
+    def describe(self) -> str:
+        r = self.record
+        return f"{r.flow_slug}/{r.step_slug}[{r.task_index}] of run {r.run_id} (attempt {self.attempt})"
