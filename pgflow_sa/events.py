@@ -19,8 +19,9 @@ Events (``measurements`` / ``metadata``):
 - ``task.stop`` — duration_s / same as task.start
 - ``task.exception`` — duration_s / same as task.start, error, kind ("error", "timeout", "output")
 - ``run.completed``, ``run.failed`` — / flow_slug, run_id (seen through notifications)
-- ``tasks.recovered`` — count / flow_slugs (stalled tasks of dead workers re-queued or failed)
+- ``tasks.recovered`` — count / flow_slugs (started tasks of workers that are gone, failed)
 - ``tasks.handed_back`` — count / worker_id (unfinished at shutdown, returned to the queue)
+- ``task.lost`` — / same as task.start (a settle found the task no longer this worker's)
 
 A subscriber that raises is logged and otherwise ignored: telemetry never
 breaks a worker.
@@ -47,6 +48,7 @@ EVENT_NAMES = (
     "run.failed",
     "tasks.recovered",
     "tasks.handed_back",
+    "task.lost",
 )
 
 

@@ -67,7 +67,7 @@ class FlowInputs:
 
     async def get(self, run_id: uuid.UUID) -> Any:
         future = self._cache.get(run_id)
-        if future is None or (future.done() and future.exception() is not None):
+        if future is None:
             future = asyncio.get_running_loop().create_future()
             self._cache[run_id] = future
             while len(self._cache) > self._size:
@@ -75,12 +75,19 @@ class FlowInputs:
             try:
                 async with self._engine.connect() as conn:
                     row = (await conn.execute(worker_queries.run_inputs([run_id]))).first()
-                future.set_result(None if row is None else row.input)
             except BaseException as exc:
-                future.set_exception(exc)
-                future.exception()  # retrieved: a later get() reads again
+                # not cached: the next task of the run reads again
+                if self._cache.get(run_id) is future:
+                    del self._cache[run_id]
+                if isinstance(exc, asyncio.CancelledError):
+                    future.cancel()
+                else:
+                    future.set_exception(exc)
+                    future.exception()  # retrieved here; waiters get it raised
                 raise
-        self._cache.move_to_end(run_id)
+            future.set_result(None if row is None else row.input)
+        else:
+            self._cache.move_to_end(run_id)
         return await asyncio.shield(future)
 
 

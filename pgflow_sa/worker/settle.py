@@ -197,7 +197,11 @@ class CompletionBatcher:
                 await self._settler.complete([(task, output) for task, output, _ in batch])
             except BaseException as exc:
                 for _, _, done in batch:
-                    if not done.done():
+                    if done.done():
+                        continue
+                    if isinstance(exc, asyncio.CancelledError):
+                        done.cancel()
+                    else:
                         done.set_exception(exc)
                 raise
             for _, _, done in batch:
