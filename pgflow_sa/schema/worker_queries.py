@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    TIMESTAMP,
     BigInteger,
     Float,
     Integer,
@@ -69,8 +71,10 @@ def retire_worker(worker_id: uuid.UUID) -> Update:
     )
 
 
-Fence = tuple[uuid.UUID, str, int, uuid.UUID, int]
-"""(run_id, step_slug, task_index, worker_id, attempt): who holds a task, at which attempt."""
+Fence = tuple[uuid.UUID, str, int, uuid.UUID, datetime]
+"""(run_id, step_slug, task_index, worker_id, started_at): who holds a task, since when.
+``pgflow.start_tasks`` stamps ``started_at`` with its transaction's start, so it names
+one attempt exactly (a retry, a recovery or a hand-back changes or clears it)."""
 
 
 def _fence_params(fences: Sequence[Fence]) -> list[Any]:
@@ -80,22 +84,22 @@ def _fence_params(fences: Sequence[Fence]) -> list[Any]:
         bindparam("step_slugs", [f[1] for f in ordered], type_=ARRAY(Text())),
         bindparam("task_indexes", [f[2] for f in ordered], type_=ARRAY(Integer())),
         bindparam("worker_ids", [f[3] for f in ordered], type_=ARRAY(PG_UUID(as_uuid=True))),
-        bindparam("attempts", [f[4] for f in ordered], type_=ARRAY(Integer())),
+        bindparam("started_ats", [f[4] for f in ordered], type_=ARRAY(TIMESTAMP(timezone=True))),
     ]
 
 
 # Locks the rows of the tasks still held as fenced (started, by that worker, at that
-# attempt), in key order so that two settling statements never deadlock; a row changed
+# started_at), in key order so that two settling statements never deadlock; a row changed
 # meanwhile is re-checked against the fence after its lock is granted (READ COMMITTED).
 _OWNED = """
 owned AS MATERIALIZED (
     SELECT t.run_id, t.step_slug, t.task_index, t.n
-    FROM unnest(:run_ids, :step_slugs, :task_indexes, :worker_ids, :attempts)
-         WITH ORDINALITY AS t(run_id, step_slug, task_index, worker_id, attempt, n)
+    FROM unnest(:run_ids, :step_slugs, :task_indexes, :worker_ids, :started_ats)
+         WITH ORDINALITY AS t(run_id, step_slug, task_index, worker_id, started_at, n)
     JOIN pgflow.step_tasks st
       ON st.run_id = t.run_id AND st.step_slug = t.step_slug AND st.task_index = t.task_index
     WHERE st.status = 'started' AND st.last_worker_id = t.worker_id
-      AND st.attempts_count = t.attempt
+      AND st.started_at = t.started_at
     ORDER BY t.run_id, t.step_slug, t.task_index
     FOR UPDATE OF st
 )"""
@@ -195,7 +199,7 @@ def abandoned_tasks(flow_slugs: Sequence[str], margin_seconds: float, limit: int
     recovering workers never take the same task. Returns fences."""
     sql = """
 SELECT st.run_id, st.step_slug, st.task_index, st.last_worker_id AS worker_id,
-       st.attempts_count AS attempt
+       st.started_at
 FROM pgflow.step_tasks st
 LEFT JOIN pgflow.workers w ON w.worker_id = st.last_worker_id
 WHERE st.flow_slug = ANY(:flow_slugs) AND st.status = 'started'
@@ -215,7 +219,7 @@ FOR UPDATE OF st SKIP LOCKED
         .columns(
             *_SETTLED,
             column("worker_id", PG_UUID(as_uuid=True)),
-            column("attempt", Integer()),
+            column("started_at", TIMESTAMP(timezone=True)),
         )
     )
 
@@ -227,7 +231,7 @@ def held_tasks(worker_ids: Sequence[uuid.UUID]) -> Any:
         step_tasks.c.step_slug,
         step_tasks.c.task_index,
         step_tasks.c.last_worker_id.label("worker_id"),
-        step_tasks.c.attempts_count.label("attempt"),
+        step_tasks.c.started_at,
     ).where(step_tasks.c.status == "started", step_tasks.c.last_worker_id.in_(worker_ids))
 
 
@@ -268,7 +272,8 @@ WITH msgs AS MATERIALIZED (
     SELECT t.* FROM pgflow.start_tasks(:queue, ARRAY(SELECT msg_id FROM msgs), :worker_id) AS t
 )
 SELECT m.read_count,
-       x.run_id, x.step_slug, x.input, x.msg_id, x.task_index, x.attempt, x.timeout
+       x.run_id, x.step_slug, x.input, x.msg_id, x.task_index, x.attempt, x.timeout,
+       now() AS started_at -- what start_tasks stamped: the transaction's start
 FROM (SELECT count(*) AS read_count FROM msgs) AS m
 LEFT JOIN (
     -- The joins below read with the statement's snapshot, taken before pgmq.read and
@@ -291,8 +296,9 @@ def claim(queue: str, vt_margin: int, qty: int, worker_id: uuid.UUID) -> Any:
     """Read up to ``qty`` messages and start their tasks in one statement (one round
     trip, atomic without a transaction block). The messages stay hidden for the
     flow's longest step timeout plus ``vt_margin`` seconds. Rows: read_count, and per
-    claimed task run_id, step_slug, input, msg_id, task_index, attempt and the step's
-    timeout as it is now; one row of nulls when nothing was claimed."""
+    claimed task run_id, step_slug, input, msg_id, task_index, attempt (for display:
+    read before start_tasks counted it), the step's timeout as it is now and the
+    started_at that start_tasks stamped (the fence); one row of nulls when nothing was claimed."""
     return (
         text(_CLAIM_SQL)
         .bindparams(
@@ -310,6 +316,7 @@ def claim(queue: str, vt_margin: int, qty: int, worker_id: uuid.UUID) -> Any:
             column("task_index", Integer()),
             column("attempt", Integer()),
             column("timeout", Integer()),
+            column("started_at", TIMESTAMP(timezone=True)),
         )
     )
 

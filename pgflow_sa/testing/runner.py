@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, func, select
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
@@ -171,6 +171,7 @@ async def _work(
                 ).scalars()
             )
             tasks = await fn.start_tasks(flow.slug, ids, worker_id).all_async(conn) if ids else []
+            started_at = (await conn.execute(select(func.now()))).scalar_one()
         if not tasks:
             if revealed:
                 raise RunStuckError(
@@ -189,6 +190,7 @@ async def _work(
                 step=flow.get_step(record.step_slug),
                 record=record,
                 worker_id=worker_id,
+                started_at=started_at,
                 attempt=_attempt(current, record.step_slug, record.task_index),
                 timeout=timeouts[record.step_slug],
                 flow_input=current.input,

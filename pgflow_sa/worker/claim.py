@@ -173,6 +173,7 @@ class Poller:
                     self.flow.slug, row.run_id, row.step_slug, row.input, row.msg_id, row.task_index
                 ),
                 worker_id=self.worker_id,
+                started_at=row.started_at,
                 attempt=row.attempt,
                 timeout=row.timeout,
             )

@@ -167,7 +167,7 @@ class Lifecycle:
             ).all()
             if rows:
                 fences: list[Fence] = [
-                    (r.run_id, r.step_slug, r.task_index, r.worker_id, r.attempt) for r in rows
+                    (r.run_id, r.step_slug, r.task_index, r.worker_id, r.started_at) for r in rows
                 ]
                 message = (
                     f"Stalled: its worker stopped heartbeating for {margin} s "
@@ -202,7 +202,7 @@ class Lifecycle:
         if pending:
             await asyncio.wait(pending, timeout=30)
         return [
-            (r.run_id, r.step_slug, r.task_index, r.worker_id, r.attempt)
+            (r.run_id, r.step_slug, r.task_index, r.worker_id, r.started_at)
             for r in rows
             if not known((r.run_id, r.step_slug, r.task_index))
         ]

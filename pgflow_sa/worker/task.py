@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from ..dsl import Flow, StepDefinition
@@ -37,12 +38,14 @@ class TaskState(enum.Enum):
 @dataclass(eq=False)
 class ClaimedTask:
     """A task this worker started: what to run, and the fence that every settle of
-    it must still match (worker id and attempt)."""
+    it must still match (worker id and the ``started_at`` of this attempt)."""
 
     flow: Flow
     step: StepDefinition
     record: StepTaskRecord
     worker_id: uuid.UUID
+    #: what start_tasks stamped on the row for this attempt
+    started_at: datetime
     attempt: int
     #: the step timeout in seconds, as the database said when the task was claimed
     timeout: int
@@ -56,7 +59,7 @@ class ClaimedTask:
 
     @property
     def fence(self) -> Fence:
-        return (*self.key, self.worker_id, self.attempt)
+        return (*self.key, self.worker_id, self.started_at)
 
     def describe(self) -> str:
         r = self.record
