@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import NullPool
 
 from .config import mask_password, to_sqlalchemy_url
@@ -52,6 +53,10 @@ class ErrorKind(enum.Enum):
         return self is not ErrorKind.REFUSED
 
 
+#: what a database call can raise: driver errors (wrapped by SQLAlchemy), socket
+#: errors asyncpg lets through, and a connection pool that had no connection in time
+DB_ERRORS: tuple[type[BaseException], ...] = (DBAPIError, OSError, PoolTimeoutError)
+
 _CONNECTION_STATES = ("57P01", "57P02", "57P03")
 _CONFLICT_STATES = ("40001", "40P01", "55P03", "57014")
 _START_RACE = "started_at_is_after_queued_at"
@@ -82,6 +87,8 @@ def classify(exc: BaseException) -> ErrorKind:
         if isinstance(exc, DBAPIError) and exc.connection_invalidated:
             return ErrorKind.CONNECTION
         return ErrorKind.REFUSED
+    if isinstance(exc, PoolTimeoutError):  # every pooled connection is busy
+        return ErrorKind.CONFLICT
     if isinstance(exc, (OperationalError, InterfaceError, OSError, ConnectionError)):
         # asyncpg lets socket errors (e.g. connection refused) through as OSError
         return ErrorKind.CONNECTION

@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from datetime import datetime, timezone
 from functools import wraps
 from typing import Any, TypeVar
@@ -563,13 +563,30 @@ def worker(
         await runner.run()
 
     try:
-        asyncio.run(serve())
+        _run_to_the_end(serve())
     except WorkerStartupError as exc:
         click.echo(f"error: {' '.join(str(exc).split())}", err=True)
         for line in exc.details:
             click.echo(f"  {line}", err=True)
         sys.exit(1)
     click.echo("worker stopped", err=True)
+
+
+def _run_to_the_end(main: Coroutine[Any, Any, None]) -> None:
+    """``asyncio.run`` without its unbounded wait for leftover tasks at the end: a
+    worker stopping while the database does not answer may leave a connection's
+    cleanup waiting forever, and the process must still exit."""
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main)
+    finally:
+        leftover = [task for task in asyncio.all_tasks(loop) if not task.done()]
+        for task in leftover:
+            task.cancel()
+        if leftover:
+            loop.run_until_complete(asyncio.wait(leftover, timeout=1.0))
+        loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), 1.0))
+        loop.close()
 
 
 def main() -> None:

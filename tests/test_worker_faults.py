@@ -23,7 +23,7 @@ import pytest
 import sqlalchemy as sa
 from psycopg.types.json import Jsonb
 
-from pgflow_sa import Context, Flow, deploy_flows
+from pgflow_sa import Context, Flow, deploy_flows, install_schema
 from pgflow_sa._db import sync_engine
 from pgflow_sa.schema.deploy import drop_flow
 from pgflow_sa.worker import WorkerSettings
@@ -714,3 +714,99 @@ async def test_a_lost_listen_connection_is_closed(db_url: str) -> None:
             gc.collect()
     assert statuses == {run_id: "completed"}
     assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
+
+
+# --- review: handlers holding sessions; SIGTERM while the database does not answer ------------
+
+
+def test_handlers_holding_sessions_never_starve_the_worker(
+    db_url: str, spawn: Callable[..., WorkerProcess]
+) -> None:
+    """Ten async handlers each hold a ctx.async_session connection for 6 s. The
+    worker's heartbeats, claims and settles must not queue behind them: a peer with a
+    3 s stall margin never takes a task, every task completes at attempt 1, and
+    runs started after them are served."""
+    prepare(db_url, "f_holds")
+    env = worker_env(
+        POLL_INTERVAL="0.5",
+        FALLBACK_POLL_INTERVAL="0.05",
+        HEARTBEAT_INTERVAL="0.3",
+        RECOVERY_INTERVAL="0.3",
+        STALL_MARGIN="3",
+        MAX_BACKOFF="0.5",
+    )
+    busy = spawn("busy", "f_holds", env, "--concurrency", "10")
+    wait_registered(db_url, "f_holds", 1, busy)
+    runs = [start_run(db_url, "f_holds") for _ in range(10)]
+    wait_until(
+        lambda: (
+            sql(
+                db_url,
+                "SELECT count(*) FROM pgflow.step_tasks WHERE status = 'started' "
+                "AND run_id = ANY(%s)",
+                [runs],
+            )[0][0]
+            == 10
+        ),
+        15,
+        "all ten tasks to start",
+    )
+    peer = spawn("peer", "f_holds", env)
+    wait_registered(db_url, "f_holds", 2, peer)
+    later = [start_run(db_url, "f_holds") for _ in range(4)]
+    everything = runs + later
+
+    def finished() -> bool:
+        rows = sql(db_url, RUN_STATUSES, [everything])
+        return all(status != "started" for _, status in rows)
+
+    wait_until(finished, 40, "every run to finish")
+    tasks = sql(
+        db_url,
+        "SELECT status, attempts_count, error_message FROM pgflow.step_tasks "
+        "WHERE run_id = ANY(%s)",
+        [everything],
+    )
+    assert tasks == [("completed", 1, None)] * 14, busy.output()[-3000:]
+    assert sorted(a for a, _ in sql(db_url, "SELECT attempt, pid FROM fault_writes")) == [1] * 14
+    assert not lost_lines(busy.output()), busy.output()[-3000:]
+
+
+def test_sigterm_while_the_database_does_not_answer(tmp_path: Path) -> None:
+    """The whole server is frozen (SIGSTOP) while a sync handler hangs: SIGTERM still
+    ends the worker within its shutdown timeout plus a few seconds."""
+    from .throwaway_server import throwaway_server
+
+    with throwaway_server() as server:
+        url = server.url("postgres")
+        install_schema(url)
+        prepare(url, "f_hangs")
+        env = worker_env(
+            POLL_INTERVAL="0.5",
+            FALLBACK_POLL_INTERVAL="0.05",
+            HEARTBEAT_INTERVAL="0.3",
+            RECOVERY_INTERVAL="0.3",
+            STALL_MARGIN="3",
+            MAX_BACKOFF="0.5",
+        )
+        worker = WorkerProcess(url, tmp_path / "w.log", "f_hangs", env, "--shutdown-timeout", "2")
+        frozen: list[int] = []
+        try:
+            wait_registered(url, "f_hangs", 1, worker)
+            run_id = start_run(url, "f_hangs")
+            wait_until(lambda: task_of(url, run_id)[0] == "started", 15, "the task to start")
+            frozen = server.pids()
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+            began = time.monotonic()
+            worker.proc.send_signal(signal.SIGTERM)
+            try:
+                code: int | None = worker.proc.wait(2 + 5 + 3)
+            except subprocess.TimeoutExpired:
+                code = None
+            took = time.monotonic() - began
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+            worker.kill()
+        assert code == 0, f"exit code {code} after {took:.1f} s\n{worker.output()}"

@@ -239,6 +239,14 @@ class ThrowawayServer:
 
     # -- use -------------------------------------------------------------------------
 
+    def pids(self) -> list[int]:
+        """The server's processes: the postmaster and its children."""
+        postmaster = int((self.pgdata / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(
+            ["pgrep", "-P", str(postmaster)], capture_output=True, text=True, check=False
+        ).stdout.split()
+        return [postmaster, *(int(c) for c in children)]
+
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 

@@ -11,11 +11,10 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .. import events
-from .._db import ErrorKind, classify, first_line, sqlstate
+from .._db import DB_ERRORS, ErrorKind, classify, first_line, sqlstate
 from ..dsl import Flow
 from ..schema import worker_queries
 from ..schema.rows import StepTaskRecord
@@ -107,7 +106,7 @@ class Poller:
             self.in_flight.add(done)
             try:
                 claimed, read = await self._claim(qty)
-            except (DBAPIError, OSError) as exc:
+            except DB_ERRORS as exc:
                 self._budget.give(qty)
                 await self._after_error(exc, backoff, stopping)
                 continue
@@ -145,7 +144,7 @@ class Poller:
                 "registering again",
                 self.flow.slug,
             )
-            with contextlib.suppress(DBAPIError, OSError):
+            with contextlib.suppress(*DB_ERRORS):
                 await self._reregister()
         delay = await backoff.sleep(stopping)
         log = logger.warning if kind.transient else logger.error

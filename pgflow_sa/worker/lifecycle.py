@@ -11,11 +11,10 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .. import events
-from .._db import ErrorKind, classify, first_line, sqlstate
+from .._db import DB_ERRORS, ErrorKind, classify, first_line, sqlstate
 from ..config import mask_password
 from ..exceptions import PgflowSaError
 from ..registry import FlowRegistry
@@ -31,7 +30,6 @@ logger = logging.getLogger("pgflow_sa.worker")
 
 #: how long a worker keeps retrying an unreachable database while starting
 STARTUP_RETRY_SECONDS = 30.0
-_DB_ERRORS = (DBAPIError, OSError)
 
 
 class WorkerStartupError(PgflowSaError):
@@ -78,7 +76,7 @@ class Lifecycle:
                 await self._check_flows()
                 await self.register()
                 return
-            except _DB_ERRORS as exc:
+            except DB_ERRORS as exc:
                 where = mask_password(self._engine.url)
                 if not classify(exc).transient:
                     if sqlstate(exc) in ("42P01", "3F000", "42883"):  # no such table/schema
@@ -241,7 +239,7 @@ async def keep_trying(
             await action()
             backoff.reset()
             await asyncio.sleep(interval)
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             kind = classify(exc)
             delay = backoff.next_delay()
             log = logger.warning if kind is not ErrorKind.REFUSED else logger.error

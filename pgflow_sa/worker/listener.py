@@ -9,11 +9,10 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .. import events
-from .._db import first_line
+from .._db import DB_ERRORS, first_line
 from ..schema import queries, worker_queries
 from ..waiting import parse_notification
 
@@ -46,7 +45,7 @@ class Listener:
             return
         try:
             conn = await self._engine.connect()
-        except (DBAPIError, OSError) as exc:
+        except DB_ERRORS as exc:
             logger.warning("cannot listen for notifications (%s); polling", first_line(exc))
             return
         try:
@@ -61,7 +60,7 @@ class Listener:
                     worker_queries.pgmq_insert_channel(slug), self._on_pgmq_insert
                 )
             raw.add_termination_listener(self._on_lost)
-        except (DBAPIError, OSError) as exc:
+        except DB_ERRORS as exc:
             logger.warning("cannot listen for notifications (%s); polling", first_line(exc))
             await _close(conn)
             return

@@ -9,10 +9,12 @@ module wires them together and runs the shutdown.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL
@@ -71,9 +73,11 @@ class Worker:
         if database_url is None and engine is None:
             raise ConfigurationError("give the worker an engine or a database_url")
         url = database_url if database_url is not None else engine.url  # type: ignore[union-attr]
-        self.engine = self._protocol_engine(url)
+        #: the protocol connections (claims, settles, heartbeats): never shared with
+        #: handlers, so handlers holding sessions cannot starve them
+        self.engine = self._worker_engine(url, 3, 3 + len(self.registry))
         self._own_engines: list[AsyncEngine | Engine] = [self.engine]
-        self._async_sessions_engine = engine if isinstance(engine, AsyncEngine) else self.engine
+        self._async_engine = engine if isinstance(engine, AsyncEngine) else None
         self._sync_engine = sync_engine or (engine if isinstance(engine, Engine) else None)
         self.worker_ids = {flow.slug: uuid.uuid4() for flow in self.registry}
         self.settler = Settler(self.engine, self.settings.max_backoff, lambda: self._give_up_at)
@@ -88,13 +92,13 @@ class Worker:
         self.budget: Budget | None = None
         self.ready: asyncio.Event | None = None  # set once serving (created by run())
 
-    def _protocol_engine(self, url: str | URL) -> AsyncEngine:
-        """The worker's own asyncpg engine: a few connections, with the plan cache mode
-        and connection lifetime of the settings."""
+    def _worker_engine(self, url: str | URL, size: int, overflow: int) -> AsyncEngine:
+        """An asyncpg engine of the worker's own, with the plan cache mode and the
+        connection lifetime of the settings."""
         return create_async_engine(
             to_sqlalchemy_url(url, "asyncpg"),
-            pool_size=3,
-            max_overflow=3 + len(self.registry),
+            pool_size=size,
+            max_overflow=overflow,
             pool_recycle=self.settings.connection_lifetime or -1,
             connect_args={
                 "server_settings": {
@@ -103,6 +107,16 @@ class Worker:
                 }
             },
         )
+
+    @property
+    def async_engine(self) -> AsyncEngine:
+        """The engine behind ``ctx.async_session`` for async handlers: the app's, or a
+        pool of the worker's own with a connection per concurrency slot."""
+        if self._async_engine is None:
+            slots = self.settings.max_concurrency
+            self._async_engine = self._worker_engine(self.engine.url, slots, slots)
+            self._own_engines.append(self._async_engine)
+        return self._async_engine
 
     @property
     def sync_engine(self) -> Engine:
@@ -155,7 +169,7 @@ class Worker:
             batcher.complete,
             Sessions(
                 sync=lambda: Session(self.sync_engine),
-                async_=lambda: AsyncSession(self._async_sessions_engine),
+                async_=lambda: AsyncSession(self.async_engine),
             ),
             FlowInputs(self.engine),
         )
@@ -188,35 +202,35 @@ class Worker:
                 for flow in self.registry
             }
             background = [
-                asyncio.create_task(batcher.run()),
-                asyncio.create_task(self._heartbeats(listener)),
+                asyncio.create_task(supervise("completion", batcher.run)),
+                asyncio.create_task(supervise("heartbeat", lambda: self._heartbeats(listener))),
             ]
-            recovery = asyncio.create_task(self._recovery())
-            pollers = [asyncio.create_task(p.run(stopping)) for p in self._pollers.values()]
+            recovery = asyncio.create_task(supervise("recovery", self._recovery))
+            pollers = [
+                asyncio.create_task(supervise(f"poll {slug}", functools.partial(p.run, stopping)))
+                for slug, p in self._pollers.items()
+            ]
             self.ready.set()
             await stopping.wait()
             if all(p.deprecated for p in self._pollers.values()):
                 reason = "deprecated"
-            # pollers are not cancelled: each finishes the claim in hand (launching what
-            # it got) and returns
-            await asyncio.gather(*pollers, return_exceptions=True)
+            deadline = time.monotonic() + self.settings.shutdown_timeout
+            # pollers finish the claim in hand (launching what it got) and return; one
+            # stuck in a database that does not answer is cut off at the deadline
+            await _wait_or_cancel(pollers, deadline)
             recovery.cancel()
-            await asyncio.gather(recovery, return_exceptions=True)
-            await self._drain()
+            await _wait_or_cancel([recovery], time.monotonic() + 1.0)
+            await self._drain(deadline)
         finally:
             self._stop_requested = False
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            await listener.close()
+            end = (self._give_up_at or time.monotonic()) + 1.0
+            await _wait_or_cancel(background, time.monotonic())
+            await _bounded(listener.close(), end)
             if self.ready.is_set():
-                try:
-                    await asyncio.wait_for(self.lifecycle.retire(), SETTLE_GRACE)
-                except Exception as exc:  # the database may be gone: heartbeat age tells
-                    logger.warning("could not mark the worker stopped (%s)", exc)
+                await _bounded(self.lifecycle.retire(), end, "marking the worker stopped")
             for engine in self._own_engines:
                 if isinstance(engine, AsyncEngine):
-                    await engine.dispose()
+                    await _bounded(engine.dispose(), end, "closing connections")
                 else:
                     engine.dispose()
             events.emit(
@@ -305,18 +319,19 @@ class Worker:
 
     # --- shutdown ----------------------------------------------------------------------
 
-    async def _drain(self) -> None:
-        """Let running tasks finish within the shutdown timeout; hand back the rest;
-        give the writes in hand a few more seconds."""
+    async def _drain(self, deadline: float) -> None:
+        """Let running tasks finish until ``deadline``; hand back the rest, and any task
+        the database says this worker holds that no handler runs; give the writes in
+        hand SETTLE_GRACE more seconds."""
         running = [future for _, future in self._tasks.values()]
         if running:
             logger.info(
                 "waiting up to %.0f s for %d task(s) to finish",
-                self.settings.shutdown_timeout,
+                max(0.0, deadline - time.monotonic()),
                 len(running),
             )
-            await asyncio.wait(running, timeout=self.settings.shutdown_timeout)
-        self._give_up_at = time.monotonic() + SETTLE_GRACE
+            await asyncio.wait(running, timeout=max(0.0, deadline - time.monotonic()))
+        self._give_up_at = give_up_at = max(deadline, time.monotonic()) + SETTLE_GRACE
         left = [
             (task, future)
             for task, future in self._tasks.values()
@@ -325,10 +340,60 @@ class Worker:
         for task, future in left:
             task.state = TaskState.HANDED_BACK  # its handler may no longer settle it
             future.cancel()
-        if left:
+
+        async def hand_back() -> None:
             count = await self.settler.hand_back([task for task, _ in left])
-            logger.info("handed back %d unfinished task(s)", count)
-            events.emit("tasks.handed_back", {"count": count}, worker_id=str(self._any_worker_id))
+            orphans = await self.lifecycle.find_orphans(lambda key: key in self._tasks, list)
+            count += await self.lifecycle.hand_back_orphans(orphans)
+            if count:
+                logger.info("handed back %d unfinished task(s)", count)
+                events.emit(
+                    "tasks.handed_back", {"count": count}, worker_id=str(self._any_worker_id)
+                )
+
+        await _bounded(hand_back(), give_up_at, "handing back unfinished tasks")
         settling = [future for _, future in self._tasks.values() if not future.done()]
         if settling:
-            await asyncio.wait(settling, timeout=max(0.0, self._give_up_at - time.monotonic()))
+            await asyncio.wait(settling, timeout=max(0.0, give_up_at - time.monotonic()))
+
+
+async def supervise(name: str, loop: Callable[[], Awaitable[None]]) -> None:
+    """Keep a background loop alive: an unexpected error is logged and the loop
+    restarted, so one bad moment never leaves the worker silently idle."""
+    while True:
+        try:
+            await loop()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("the worker's %s loop failed; restarting it", name)
+            await asyncio.sleep(1)
+
+
+async def _wait_or_cancel(tasks: list[asyncio.Task[None]], deadline: float) -> None:
+    """Wait for ``tasks`` until ``deadline``, then cancel those still running (and wait
+    a moment for them: one stuck on a database that does not answer may not end)."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=0.5)
+
+
+async def _bounded(work: Awaitable[Any], deadline: float, what: str | None = None) -> None:
+    """Await ``work`` until ``deadline`` (at least half a second; the database may not
+    answer while the worker stops); then cancel it without waiting. Errors are logged,
+    not raised."""
+    task = asyncio.ensure_future(work)
+    await asyncio.wait({task}, timeout=max(0.5, deadline - time.monotonic()))
+    if not task.done():
+        task.cancel()
+        if what is not None:
+            logger.warning("%s did not finish in time; giving up", what)
+        return
+    exc = task.exception()
+    if exc is not None and what is not None:
+        logger.warning("%s failed (%s)", what, exc)

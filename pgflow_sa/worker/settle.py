@@ -11,18 +11,15 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .. import events
-from .._db import ErrorKind, classify, first_line
+from .._db import DB_ERRORS, ErrorKind, classify, first_line
 from ..schema import worker_queries
 from .backoff import Backoff
 from .task import ClaimedTask, TaskKey, TaskState
 
 logger = logging.getLogger("pgflow_sa.worker")
-
-_DB_ERRORS = (DBAPIError, OSError)
 
 
 class _Refused(Exception):
@@ -121,9 +118,9 @@ class Settler:
         task.state = TaskState.LOST
         self.lost += 1
         logger.warning(
-            "lost task %s: the database no longer says this worker holds it at this "
-            "attempt (its worker was presumed gone and another took it over, or it was "
-            "handed back); nothing of this attempt was written",
+            "lost task %s: the database no longer says this worker holds this attempt "
+            "(it was completed, failed or handed back meanwhile, or taken over because "
+            "this worker looked gone); nothing more of it was written",
             task.describe(),
         )
         events.emit(
@@ -145,7 +142,7 @@ class Settler:
                 async with self._engine.connect() as conn:
                     rows = (await conn.execute(statement)).all()
                 return {(r.run_id, r.step_slug, r.task_index) for r in rows}
-            except _DB_ERRORS as exc:
+            except DB_ERRORS as exc:
                 kind = classify(exc)
                 if kind is ErrorKind.REFUSED:
                     raise _Refused(exc) from exc

@@ -5,6 +5,7 @@ exactly when that attempt's completion committed together with it."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Any
@@ -25,6 +26,9 @@ FAULT_WRITES_DDL = (
     "CREATE TABLE fault_writes (run_id uuid, flow_slug text, attempt int, pid int, "
     "at timestamptz DEFAULT clock_timestamp())"
 )
+
+
+HOLD_SECONDS = 6.0
 
 
 def _write(ctx: Context) -> None:
@@ -66,4 +70,19 @@ def hang(input: Any, ctx: Context) -> None:
     time.sleep(600)
 
 
-flows = FlowRegistry(lowered, fenced, hangs)
+# Handlers that hold a ctx.async_session connection while they work.
+holds = Flow("f_holds", timeout=30, base_delay=1, max_attempts=3)
+
+
+@holds.step
+async def hold_session(input: Any, ctx: Context) -> dict[str, int]:
+    await ctx.async_session.execute(
+        sa.insert(fault_writes).values(
+            run_id=ctx.run_id, flow_slug=ctx.flow_slug, attempt=ctx.attempt, pid=os.getpid()
+        )
+    )
+    await asyncio.sleep(HOLD_SECONDS)
+    return {"pid": os.getpid()}
+
+
+flows = FlowRegistry(lowered, fenced, hangs, holds)
