@@ -153,9 +153,20 @@ async def runs_finished(url: str, run_ids: list[uuid.UUID], timeout: float) -> d
 # --- worker subprocesses -----------------------------------------------------------------
 
 
+#: fast polling, heartbeats and recovery; a worker is gone after 3 s without a heartbeat
+FAST = {
+    "POLL_INTERVAL": "0.5",
+    "FALLBACK_POLL_INTERVAL": "0.05",
+    "HEARTBEAT_INTERVAL": "0.3",
+    "RECOVERY_INTERVAL": "0.3",
+    "STALL_MARGIN": "3",
+    "MAX_BACKOFF": "0.5",
+}
+
+
 def worker_env(**settings: str) -> dict[str, str]:
-    """PGFLOW_SA_WORKER_<NAME> variables for a worker process, from NAME=value."""
-    return {f"PGFLOW_SA_WORKER_{name}": value for name, value in settings.items()}
+    """PGFLOW_SA_WORKER_<NAME> variables for a worker process: FAST, then NAME=value."""
+    return {f"PGFLOW_SA_WORKER_{name}": value for name, value in {**FAST, **settings}.items()}
 
 
 class WorkerProcess:
@@ -265,15 +276,7 @@ def test_a_lowered_timeout_never_commits_a_task_twice(
     for 8 s. The task keeps the timeout it was claimed with, and a second worker never
     takes it from its live, heartbeating owner: it commits once, on attempt 1."""
     prepare(db_url, "f_lowered")
-    env = worker_env(
-        POLL_INTERVAL="0.5",
-        FALLBACK_POLL_INTERVAL="0.05",
-        HEARTBEAT_INTERVAL="0.3",
-        RECOVERY_INTERVAL="0.3",
-        STALL_MARGIN="3",
-        MAX_BACKOFF="0.5",
-        SHUTDOWN_TIMEOUT="10",
-    )
+    env = worker_env(SHUTDOWN_TIMEOUT="10")
     a = spawn("a", "f_lowered", env)
     wait_registered(db_url, "f_lowered", 1, a)
     run_id = start_run(db_url, "f_lowered")
@@ -304,15 +307,7 @@ def test_a_late_settle_is_fenced(db_url: str, spawn: Callable[..., WorkerProcess
     handler: its completion and its ctx.session write must not apply (A lost the
     task), and B's do."""
     prepare(db_url, "f_fenced")
-    env = worker_env(
-        POLL_INTERVAL="0.5",
-        FALLBACK_POLL_INTERVAL="0.05",
-        HEARTBEAT_INTERVAL="0.3",
-        RECOVERY_INTERVAL="0.3",
-        STALL_MARGIN="2",
-        MAX_BACKOFF="0.5",
-        SHUTDOWN_TIMEOUT="10",
-    )
+    env = worker_env(STALL_MARGIN="2", SHUTDOWN_TIMEOUT="10")
     a = spawn("a", "f_fenced", env)
     wait_registered(db_url, "f_fenced", 1, a)
     run_id = start_run(db_url, "f_fenced")
@@ -508,14 +503,7 @@ def test_sigterm_exits_promptly_and_hands_back_a_hung_task(
     timeout (1 s), hands the task back (queued, the attempt not counted, its message
     visible) and exits 0 soon after, abandoning the thread."""
     prepare(db_url, "f_hangs")
-    env = worker_env(
-        POLL_INTERVAL="0.5",
-        FALLBACK_POLL_INTERVAL="0.05",
-        HEARTBEAT_INTERVAL="0.3",
-        RECOVERY_INTERVAL="0.3",
-        STALL_MARGIN="3",
-        MAX_BACKOFF="0.5",
-    )
+    env = worker_env()
     worker = spawn("w", "f_hangs", env, "--shutdown-timeout", "1")
     wait_registered(db_url, "f_hangs", 1, worker)
     run_id = start_run(db_url, "f_hangs")
@@ -727,14 +715,7 @@ def test_handlers_holding_sessions_never_starve_the_worker(
     3 s stall margin never takes a task, every task completes at attempt 1, and
     runs started after them are served."""
     prepare(db_url, "f_holds")
-    env = worker_env(
-        POLL_INTERVAL="0.5",
-        FALLBACK_POLL_INTERVAL="0.05",
-        HEARTBEAT_INTERVAL="0.3",
-        RECOVERY_INTERVAL="0.3",
-        STALL_MARGIN="3",
-        MAX_BACKOFF="0.5",
-    )
+    env = worker_env()
     busy = spawn("busy", "f_holds", env, "--concurrency", "10")
     wait_registered(db_url, "f_holds", 1, busy)
     runs = [start_run(db_url, "f_holds") for _ in range(10)]
@@ -781,14 +762,7 @@ def test_sigterm_while_the_database_does_not_answer(tmp_path: Path) -> None:
         url = server.url("postgres")
         install_schema(url)
         prepare(url, "f_hangs")
-        env = worker_env(
-            POLL_INTERVAL="0.5",
-            FALLBACK_POLL_INTERVAL="0.05",
-            HEARTBEAT_INTERVAL="0.3",
-            RECOVERY_INTERVAL="0.3",
-            STALL_MARGIN="3",
-            MAX_BACKOFF="0.5",
-        )
+        env = worker_env()
         worker = WorkerProcess(url, tmp_path / "w.log", "f_hangs", env, "--shutdown-timeout", "2")
         frozen: list[int] = []
         try:

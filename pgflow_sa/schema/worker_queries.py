@@ -4,7 +4,7 @@ handing tasks back, finding stalled tasks, and run inputs for map tasks."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -111,10 +111,16 @@ _SETTLED: list[ColumnClause[Any]] = [
 ]
 
 
-def complete_fenced(fences: Sequence[Fence], outputs: Sequence[Any]) -> Any:
-    """``pgflow.complete_task`` for each task still held as its fence says, in one
-    statement; returns the keys it completed (a missing key: the task was lost).
-    Outputs travel as one JSON array in fence order, so falsy values stay themselves."""
+def _call_fenced(
+    fences: Sequence[Fence],
+    call: str,
+    bind: Callable[[list[Any]], Any],
+    values: Sequence[Any],
+) -> Any:
+    """``call`` (SQL naming ``o.*`` and ``:values``: ``bind`` makes that parameter from
+    the values in fence order, the task's at ``o.n``) for each task still held as its
+    fence says, in one statement; returns the keys it was called for (a missing key:
+    the task was lost)."""
     order = sorted(
         range(len(fences)), key=lambda i: (str(fences[i][0]), fences[i][1], fences[i][2])
     )
@@ -122,45 +128,36 @@ def complete_fenced(fences: Sequence[Fence], outputs: Sequence[Any]) -> Any:
 WITH {_OWNED}
 SELECT o.run_id, o.step_slug, o.task_index
 FROM owned o
-CROSS JOIN LATERAL (
-    SELECT count(*) FROM pgflow.complete_task(
-        o.run_id, o.step_slug, o.task_index, (:outputs) -> (o.n::int - 1))
-) AS c
+CROSS JOIN LATERAL (SELECT count(*) FROM {call}) AS settled
 ORDER BY o.run_id, o.step_slug, o.task_index
 """
     return (
         text(sql)
-        .bindparams(
-            *_fence_params(fences),
-            bindparam("outputs", [outputs[i] for i in order], type_=JSONB(none_as_null=False)),
-        )
+        .bindparams(*_fence_params(fences), bind([values[i] for i in order]))
         .columns(*_SETTLED)
+    )
+
+
+def complete_fenced(fences: Sequence[Fence], outputs: Sequence[Any]) -> Any:
+    """``pgflow.complete_task`` for each task still held as its fence says; returns the
+    keys it completed. Outputs travel as one JSON array, so falsy values stay
+    themselves."""
+    return _call_fenced(
+        fences,
+        "pgflow.complete_task(o.run_id, o.step_slug, o.task_index, (:values) -> (o.n::int - 1))",
+        lambda ordered: bindparam("values", ordered, type_=JSONB(none_as_null=False)),
+        outputs,
     )
 
 
 def fail_fenced(fences: Sequence[Fence], messages: Sequence[str]) -> Any:
     """``pgflow.fail_task`` (retry or give up, as pgflow decides) for each task still
     held as its fence says; returns the keys it failed."""
-    order = sorted(
-        range(len(fences)), key=lambda i: (str(fences[i][0]), fences[i][1], fences[i][2])
-    )
-    sql = f"""
-WITH {_OWNED}
-SELECT o.run_id, o.step_slug, o.task_index
-FROM owned o
-CROSS JOIN LATERAL (
-    SELECT count(*) FROM pgflow.fail_task(
-        o.run_id, o.step_slug, o.task_index, (:messages)[o.n::int])
-) AS f
-ORDER BY o.run_id, o.step_slug, o.task_index
-"""
-    return (
-        text(sql)
-        .bindparams(
-            *_fence_params(fences),
-            bindparam("messages", [messages[i] for i in order], type_=ARRAY(Text())),
-        )
-        .columns(*_SETTLED)
+    return _call_fenced(
+        fences,
+        "pgflow.fail_task(o.run_id, o.step_slug, o.task_index, (:values)[o.n::int])",
+        lambda ordered: bindparam("values", ordered, type_=ARRAY(Text())),
+        messages,
     )
 
 
