@@ -577,6 +577,7 @@ def _run_to_the_end(main: Coroutine[Any, Any, None]) -> None:
     worker stopping while the database does not answer may leave a connection's
     cleanup waiting forever, and the process must still exit."""
     loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
     try:
         loop.run_until_complete(main)
     finally:
@@ -586,6 +587,7 @@ def _run_to_the_end(main: Coroutine[Any, Any, None]) -> None:
         if leftover:
             loop.run_until_complete(asyncio.wait(leftover, timeout=1.0))
         loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), 1.0))
+        asyncio.set_event_loop(None)
         loop.close()
 
 

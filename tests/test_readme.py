@@ -34,7 +34,7 @@ TEXT = README.read_text()
 # the command works, on small sizes (its figures are not looked at)
 BENCH_SMOKE = [
     "--tasks", "200", "--seconds", "1", "--stale-rate", "20", "--stale-seconds", "1",
-    "--map-sizes", "50",
+    "--map-sizes", "50", "--root-map-size", "50",
 ]  # fmt: skip
 
 

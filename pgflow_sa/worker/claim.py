@@ -80,6 +80,7 @@ class Poller:
         launch: Callable[[ClaimedTask], None],
         reregister: Callable[[], Awaitable[None]],
         notified: Callable[[], bool],
+        room: asyncio.Event,
     ) -> None:
         self.flow = flow
         self.worker_id = worker_id
@@ -90,6 +91,7 @@ class Poller:
         self._launch = launch
         self._reregister = reregister
         self._notified = notified
+        self._room = room
         #: claims whose statement may have started tasks not yet launched
         self.in_flight: set[asyncio.Future[None]] = set()
         self.deprecated = False
@@ -97,6 +99,8 @@ class Poller:
     async def run(self, stopping: asyncio.Event) -> None:
         backoff = Backoff(self._settings.max_backoff)
         while not stopping.is_set() and not self.deprecated:
+            if not self._room.is_set():  # completions to write first
+                await _either(self._room, stopping)
             qty = await self._budget.take(self._settings.batch_size, stopping)
             if qty == 0:
                 break

@@ -198,6 +198,7 @@ class Worker:
                     self._launch,
                     self.lifecycle.register,
                     lambda: listener.notified,
+                    batcher.room,
                 )
                 for flow in self.registry
             }

@@ -41,10 +41,10 @@ class WorkerSettings:
     #: listen for notifications (pgflow-sa's publisher, pgmq notify-on-insert) to wake up
     use_notifications: bool = True
     #: plan_cache_mode of the worker's own connections. pgflow's PL/pgSQL functions cache
-    #: plans per session; a generic plan made while the tables were small (or ANALYZEd
-    #: empty) stays in a long-lived session as they grow. "force_custom_plan" plans
-    #: each call for the table sizes at hand; "auto" is PostgreSQL's default.
-    plan_cache_mode: str = "force_custom_plan"
+    #: plans per session; "auto" (PostgreSQL's default) may settle on a generic plan,
+    #: which connection_lifetime bounds; "force_custom_plan" plans every call for the
+    #: table sizes at hand, at two to three times the cost of each complete_task.
+    plan_cache_mode: str = "auto"
     #: seconds after which the worker's own connections are replaced (0: never)
     connection_lifetime: float = 3600.0
 

@@ -167,19 +167,34 @@ class Settler:
 
 
 class CompletionBatcher:
-    """Group commit: completions that arrive while one is being written go together
-    in the next statement."""
+    """Group commit: completions that arrive while one statement is being written go
+    together in the next one, at most ``max_batch`` per statement (a long statement
+    holds its row locks long). Claiming waits while ``max_backlog`` completions are
+    unwritten, so a worker never runs far ahead of what it has stored."""
 
-    def __init__(self, settler: Settler) -> None:
+    def __init__(self, settler: Settler, max_batch: int = 50, max_backlog: int = 100) -> None:
         self._settler = settler
+        self._max_batch = max_batch
+        self._max_backlog = max_backlog
         self._pending: list[tuple[ClaimedTask, Any, asyncio.Future[None]]] = []
+        self._writing = 0
         self._wake = asyncio.Event()
+        #: set while there is room for more completions (claiming may go on)
+        self.room = asyncio.Event()
+        self.room.set()
 
     async def complete(self, task: ClaimedTask, output: Any) -> None:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((task, output, done))
         self._wake.set()
+        self._update_room()
         await done
+
+    def _update_room(self) -> None:
+        if len(self._pending) + self._writing < self._max_backlog:
+            self.room.set()
+        else:
+            self.room.clear()
 
     async def run(self) -> None:
         """Write pending completions until cancelled (cancel only when none are
@@ -187,20 +202,24 @@ class CompletionBatcher:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            batch, self._pending = self._pending, []
-            if not batch:
-                continue
-            try:
-                await self._settler.complete([(task, output) for task, output, _ in batch])
-            except BaseException as exc:
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                self._writing = len(batch)
+                try:
+                    await self._settler.complete([(task, output) for task, output, _ in batch])
+                except BaseException as exc:
+                    for _, _, done in batch:
+                        if done.done():
+                            continue
+                        if isinstance(exc, asyncio.CancelledError):
+                            done.cancel()
+                        else:
+                            done.set_exception(exc)
+                    raise
+                finally:
+                    self._writing = 0
+                    self._update_room()
                 for _, _, done in batch:
-                    if done.done():
-                        continue
-                    if isinstance(exc, asyncio.CancelledError):
-                        done.cancel()
-                    else:
-                        done.set_exception(exc)
-                raise
-            for _, _, done in batch:
-                if not done.done():
-                    done.set_result(None)
+                    if not done.done():
+                        done.set_result(None)
