@@ -105,10 +105,20 @@ def caused_by_lost_connection(exc: BaseException) -> bool:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, DBAPIError) and classify(current) is ErrorKind.CONNECTION:
+        if (
+            isinstance(current, DBAPIError)
+            and _from_postgres(current)
+            and classify(current) is ErrorKind.CONNECTION
+        ):
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+def _from_postgres(exc: DBAPIError) -> bool:
+    """Raised by a PostgreSQL driver (another database's errors say nothing of ours)."""
+    module = type(exc.orig).__module__
+    return module.startswith(("psycopg", "asyncpg", "sqlalchemy.dialects.postgresql"))
 
 
 @contextmanager

@@ -585,8 +585,8 @@ def _run_to_the_end(main: Coroutine[Any, Any, None]) -> None:
         for task in leftover:
             task.cancel()
         if leftover:
-            loop.run_until_complete(asyncio.wait(leftover, timeout=1.0))
-        loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), 1.0))
+            loop.run_until_complete(asyncio.wait(leftover, timeout=0.5))
+        loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), 0.5))
         asyncio.set_event_loop(None)
         loop.close()
 

@@ -3,6 +3,8 @@ including through SQLAlchemy's wrappers of asyncpg and psycopg errors."""
 
 from __future__ import annotations
 
+import sqlite3
+
 import psycopg
 import pytest
 from sqlalchemy import create_engine, text
@@ -13,6 +15,10 @@ from pgflow_sa._db import ErrorKind, caused_by_lost_connection, classify
 
 
 class _DriverError(Exception):
+    """Stands for a PostgreSQL driver's error (psycopg's and asyncpg's carry sqlstate)."""
+
+    __module__ = "psycopg.errors"
+
     def __init__(self, sqlstate: str | None, message: str = "boom") -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
@@ -75,8 +81,11 @@ def test_lost_connection_through_causes() -> None:
     implicit = RuntimeError("raised while handling it")
     implicit.__context__ = _wrapped("08006")
     assert caused_by_lost_connection(implicit)
-    # a handler's own socket error (say, an HTTP call) is its failure, not ours
+    # a handler's own socket error (say, an HTTP call) is its failure, not ours, and
+    # so is another database's error
     assert not caused_by_lost_connection(ConnectionError("upstream hiccup"))
+    sqlite = OperationalError("SELECT 1", None, sqlite3.OperationalError("no such table: x"))
+    assert not caused_by_lost_connection(sqlite)
     assert not caused_by_lost_connection(_wrapped("55P03"))
 
 

@@ -164,6 +164,18 @@ FAST = {
 }
 
 
+#: FAST, for in-process workers
+FAST_SETTINGS = WorkerSettings(
+    poll_interval=0.5,
+    fallback_poll_interval=0.05,
+    heartbeat_interval=0.3,
+    recovery_interval=0.3,
+    stall_margin=3,
+    max_backoff=0.5,
+    shutdown_timeout=5,
+)
+
+
 def worker_env(**settings: str) -> dict[str, str]:
     """PGFLOW_SA_WORKER_<NAME> variables for a worker process: FAST, then NAME=value."""
     return {f"PGFLOW_SA_WORKER_{name}": value for name, value in {**FAST, **settings}.items()}
@@ -755,7 +767,7 @@ def test_handlers_holding_sessions_never_starve_the_worker(
 
 def test_sigterm_while_the_database_does_not_answer(tmp_path: Path) -> None:
     """The whole server is frozen (SIGSTOP) while a sync handler hangs: SIGTERM still
-    ends the worker within its shutdown timeout plus a few seconds."""
+    ends the worker within its shutdown timeout plus 5 s (and a moment to exit)."""
     from .throwaway_server import throwaway_server
 
     with throwaway_server() as server:
@@ -775,7 +787,7 @@ def test_sigterm_while_the_database_does_not_answer(tmp_path: Path) -> None:
             began = time.monotonic()
             worker.proc.send_signal(signal.SIGTERM)
             try:
-                code: int | None = worker.proc.wait(2 + 5 + 3)
+                code: int | None = worker.proc.wait(2 + 5 + 1)
             except subprocess.TimeoutExpired:
                 code = None
             took = time.monotonic() - began
@@ -784,3 +796,99 @@ def test_sigterm_while_the_database_does_not_answer(tmp_path: Path) -> None:
                 os.kill(pid, signal.SIGCONT)
             worker.kill()
         assert code == 0, f"exit code {code} after {took:.1f} s\n{worker.output()}"
+
+
+# --- review, second round: errors the database cannot store, handlers losing their
+# connection every time, a stop while starting up ------------------------------------------
+
+unstorable = Flow("f_unstorable", max_attempts=2, base_delay=1, timeout=5)
+
+
+@unstorable.step
+async def raises_nul(input: Any) -> None:
+    raise ValueError("bad \x00 byte")
+
+
+unstorable_output = Flow("f_unstorable_output", max_attempts=1, timeout=5)
+
+
+@unstorable_output.step
+def returns_nul(input: Any, ctx: Context) -> str:
+    ctx.session.execute(sa.text("SELECT 1"))
+    return "a\x00b"
+
+
+async def test_an_error_postgres_cannot_store_still_fails_the_task(db_url: str) -> None:
+    """An exception message with a NUL byte (PostgreSQL text cannot hold one) and an
+    output with one completed through ctx.session: both tasks fail within their
+    attempts with a readable message (no SQL, no parameters), instead of looping."""
+    deploy(db_url, unstorable, unstorable_output)
+    first = await astart_run(db_url, unstorable.slug)
+    second = await astart_run(db_url, unstorable_output.slug)
+    async with running_worker([unstorable, unstorable_output], db_url, settings=FAST_SETTINGS):
+        statuses = await runs_finished(db_url, [first, second], 20)
+    assert statuses == {first: "failed", second: "failed"}
+    ((attempts, message),) = await asql(
+        db_url,
+        "SELECT attempts_count, error_message FROM pgflow.step_tasks WHERE run_id = %s",
+        [first],
+    )
+    assert attempts == 2
+    assert message.startswith("ValueError: bad "), message
+    assert "byte" in message and "\x00" not in message
+    ((message,),) = await asql(
+        db_url, "SELECT error_message FROM pgflow.step_tasks WHERE run_id = %s", [second]
+    )
+    assert message.startswith("pgflow refused the output: "), message
+    assert "[SQL" not in message and "parameters" not in message, message
+
+
+suicidal = Flow("f_suicidal", max_attempts=2, base_delay=1, timeout=5)
+
+
+@suicidal.step
+def kills_its_connection(input: Any, ctx: Context) -> None:
+    ctx.session.execute(sa.text("SELECT pg_terminate_backend(pg_backend_pid())"))
+
+
+async def test_a_handler_that_always_loses_its_connection_runs_out_of_attempts(
+    db_url: str,
+) -> None:
+    """A lost connection in a handler hands the task back without counting an attempt,
+    but not forever: a handler that loses it every time is failed like any other."""
+    deploy(db_url, suicidal)
+    run_id = await astart_run(db_url, suicidal.slug)
+    async with running_worker(suicidal, db_url, settings=FAST_SETTINGS):
+        statuses = await runs_finished(db_url, [run_id], 40)
+    assert statuses == {run_id: "failed"}
+    ((attempts, message),) = await asql(
+        db_url,
+        "SELECT attempts_count, error_message FROM pgflow.step_tasks WHERE run_id = %s",
+        [run_id],
+    )
+    assert attempts == 2
+    assert "terminating connection" in message, message
+
+
+def test_sigterm_while_starting_up_against_an_unreachable_database(tmp_path: Path) -> None:
+    """Nothing listens on the worker's port: it keeps retrying its start-up, and a
+    SIGTERM meanwhile ends it at once with exit code 0."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    worker = WorkerProcess(url, tmp_path / "w.log", "f_hangs", worker_env())
+    try:
+        wait_until(lambda: "retrying" in worker.output(), 15, "a start-up retry")
+        began = time.monotonic()
+        worker.proc.send_signal(signal.SIGTERM)
+        try:
+            code: int | None = worker.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            code = None
+        took = time.monotonic() - began
+    finally:
+        worker.kill()
+    assert code == 0, f"exit code {code} after {took:.1f} s\n{worker.output()}"

@@ -189,6 +189,21 @@ CROSS JOIN LATERAL (
     )
 
 
+def settled_by(fences: Sequence[Fence]) -> Any:
+    """Of these tasks, those completed or failed by the attempt their fence names (a
+    final settle keeps last_worker_id and started_at)."""
+    sql = """
+SELECT st.run_id, st.step_slug, st.task_index
+FROM unnest(:run_ids, :step_slugs, :task_indexes, :worker_ids, :started_ats)
+     AS t(run_id, step_slug, task_index, worker_id, started_at)
+JOIN pgflow.step_tasks st
+  ON st.run_id = t.run_id AND st.step_slug = t.step_slug AND st.task_index = t.task_index
+WHERE st.status IN ('completed', 'failed') AND st.last_worker_id = t.worker_id
+  AND st.started_at = t.started_at
+"""
+    return text(sql).bindparams(*_fence_params(fences)).columns(*_SETTLED)
+
+
 def abandoned_tasks(flow_slugs: Sequence[str], margin_seconds: float, limit: int) -> Any:
     """Started tasks of the given flows whose worker is gone: its ``pgflow.workers`` row
     is missing, or has not heartbeaten for ``margin_seconds``. A live worker's task is

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from .. import events
-from .._db import caused_by_lost_connection, classify
+from .._db import caused_by_lost_connection, classify, first_line
 from ..context import Context
 from ..schema import worker_queries
 from .handlers import (
@@ -33,6 +33,7 @@ from .handlers import (
     handler_input,
     handler_logger,
     json_output,
+    storable,
     typed_input,
 )
 from .settle import Settler
@@ -44,6 +45,9 @@ T = TypeVar("T")
 
 #: seconds before a task handed back after a lost connection is offered again
 RECONNECT_DELAY = 1
+#: hand-backs after lost connections in a row, per task, before its handler's error
+#: counts as a failure (a handler whose query kills its own backend every time)
+MAX_RECONNECTS = 3
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,7 @@ class TaskRunner:
         #: sync handlers that outran their timeout (a thread cannot be stopped: it
         #: keeps its slot until it ends)
         self.abandoned_threads = 0
+        self._reconnects: collections.OrderedDict[tuple[Any, ...], int] = collections.OrderedDict()
 
     async def run(
         self,
@@ -179,23 +184,25 @@ class TaskRunner:
     ) -> None:
         assert error is not None
         record = task.record
+        message: str | None = None
         if isinstance(error, SessionSettleError) and error.__cause__ is not None:
             cause = error.__cause__
-            if classify(cause).transient:
+            if classify(cause).transient and self._may_reconnect(task):
                 # the handler's writes rolled back with the completion: run it again
                 logger.warning(
                     "completing %s in the handler's session failed (%s); handing it back",
                     task.describe(),
-                    cause,
+                    first_line(cause),
                 )
                 await self.settler.hand_back([task], RECONNECT_DELAY)
                 return
             error = cause
-        elif caused_by_lost_connection(error):
+            message = storable(f"pgflow refused the output: {first_line(cause)}")
+        elif caused_by_lost_connection(error) and self._may_reconnect(task):
             logger.warning(
                 "the handler of %s lost its database connection (%s); handing it back",
                 task.describe(),
-                error,
+                first_line(error),
             )
             await self.settler.hand_back([task], RECONNECT_DELAY)
             return
@@ -208,8 +215,21 @@ class TaskRunner:
             record.task_index,
             exc_info=error,
         )
-        events.emit("task.exception", elapsed, error=error_message(error), kind=kind, **meta)
-        await self.settler.fail([(task, error_message(error))])
+        message = message or error_message(error)
+        events.emit("task.exception", elapsed, error=message, kind=kind, **meta)
+        await self.settler.fail([(task, message)])
+
+    def _may_reconnect(self, task: ClaimedTask) -> bool:
+        """Whether a task whose handler lost its connection may be handed back once
+        more (at most MAX_RECONNECTS times in a row in this worker)."""
+        key = task.key
+        count = self._reconnects.pop(key, 0) + 1
+        if count > MAX_RECONNECTS:
+            return False
+        self._reconnects[key] = count
+        while len(self._reconnects) > 1000:
+            self._reconnects.popitem(last=False)
+        return True
 
     async def _context(self, task: ClaimedTask) -> Context:
         record, step = task.record, task.step

@@ -64,10 +64,15 @@ def json_output(step_slug: str, value: Any) -> Any:
     return data
 
 
+def storable(text: str) -> str:
+    """``text`` as PostgreSQL can store it: NUL bytes and lone surrogates escaped."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_message(exc: BaseException) -> str:
     """How a failure is stored in pgflow: ``ExceptionType: message``."""
     text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return storable(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
 
 
 def handler_logger(flow_slug: str, step_slug: str) -> logging.Logger:

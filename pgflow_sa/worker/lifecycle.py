@@ -5,6 +5,7 @@ gone, including this worker's own tasks that no handler runs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -66,16 +67,25 @@ class Lifecycle:
 
     # --- start-up ----------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, stopping: asyncio.Event) -> bool:
         """Check the flows and register; connection problems (including a server that
-        is still starting) are retried for up to STARTUP_RETRY_SECONDS."""
+        is still starting) are retried for up to STARTUP_RETRY_SECONDS. False: a stop
+        was asked for meanwhile (one asked for before is honoured after starting)."""
         deadline = time.monotonic() + STARTUP_RETRY_SECONDS
         backoff = Backoff(self._settings.max_backoff)
+        stopped_before = stopping.is_set()
         while True:
+            attempt = asyncio.ensure_future(self._start_once())
+            if not stopped_before:
+                stop = asyncio.ensure_future(stopping.wait())
+                await asyncio.wait({attempt, stop}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                if not attempt.done():  # the database may not answer: do not wait
+                    attempt.cancel()
+                    return False
             try:
-                await self._check_flows()
-                await self.register()
-                return
+                await attempt
+                return True
             except DB_ERRORS as exc:
                 where = mask_password(self._engine.url)
                 if not classify(exc).transient:
@@ -98,7 +108,16 @@ class Lifecycle:
                     first_line(exc),
                     delay,
                 )
-                await asyncio.sleep(delay)
+                if not stopped_before:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stopping.wait(), delay)
+                        return False
+                else:
+                    await asyncio.sleep(delay)
+
+    async def _start_once(self) -> None:
+        await self._check_flows()
+        await self.register()
 
     async def _check_flows(self) -> None:
         problems: list[str] = []

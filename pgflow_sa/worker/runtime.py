@@ -40,8 +40,12 @@ __all__ = ["Worker", "WorkerStartupError"]
 logger = logging.getLogger("pgflow_sa.worker")
 
 #: seconds a stopping worker gives the writes in hand after the shutdown timeout
-SETTLE_GRACE = 5.0
+SETTLE_GRACE = 3.0
+#: seconds it then gives closing its connections
+CLOSE_GRACE = 1.0
 APPLICATION_NAME = "pgflow-sa worker"
+#: seconds to wait for a new connection (asyncpg's default is 60)
+CONNECT_TIMEOUT = 10
 
 
 class Worker:
@@ -101,10 +105,11 @@ class Worker:
             max_overflow=overflow,
             pool_recycle=self.settings.connection_lifetime or -1,
             connect_args={
+                "timeout": CONNECT_TIMEOUT,
                 "server_settings": {
                     "plan_cache_mode": self.settings.plan_cache_mode,
                     "application_name": APPLICATION_NAME,
-                }
+                },
             },
         )
 
@@ -122,7 +127,13 @@ class Worker:
     def sync_engine(self) -> Engine:
         """The engine behind ``ctx.session`` for sync handlers."""
         if self._sync_engine is None:
-            self._sync_engine = create_engine(to_sqlalchemy_url(self.engine.url, "psycopg"))
+            slots = self.settings.max_concurrency
+            self._sync_engine = create_engine(
+                to_sqlalchemy_url(self.engine.url, "psycopg"),
+                pool_size=slots,
+                max_overflow=slots,
+                pool_recycle=self.settings.connection_lifetime or -1,
+            )
             self._own_engines.append(self._sync_engine)
         return self._sync_engine
 
@@ -178,7 +189,9 @@ class Worker:
         reason = "stopped"
         background: list[asyncio.Task[None]] = []
         try:
-            await self.lifecycle.start()
+            if not await self.lifecycle.start(stopping):
+                logger.info("stopped while starting up")
+                return
             if self.settings.use_notifications:
                 await listener.ensure()
             events.emit(
@@ -220,26 +233,32 @@ class Worker:
             # stuck in a database that does not answer is cut off at the deadline
             await _wait_or_cancel(pollers, deadline)
             recovery.cancel()
-            await _wait_or_cancel([recovery], time.monotonic() + 1.0)
+            await _wait_or_cancel([recovery], time.monotonic())
             await self._drain(deadline)
         finally:
             self._stop_requested = False
-            end = (self._give_up_at or time.monotonic()) + 1.0
             await _wait_or_cancel(background, time.monotonic())
-            await _bounded(listener.close(), end)
-            if self.ready.is_set():
-                await _bounded(self.lifecycle.retire(), end, "marking the worker stopped")
-            for engine in self._own_engines:
-                if isinstance(engine, AsyncEngine):
-                    await _bounded(engine.dispose(), end, "closing connections")
-                else:
-                    engine.dispose()
+            end = (self._give_up_at or time.monotonic()) + CLOSE_GRACE
+            await _bounded(self._close(listener), end, "closing the worker's connections")
             events.emit(
                 "worker.stop",
                 {"uptime_s": time.monotonic() - started_at},
                 worker_id=str(self._any_worker_id),
                 reason=reason,
             )
+
+    async def _close(self, listener: Listener) -> None:
+        await listener.close()
+        if self.ready is not None and self.ready.is_set():
+            try:
+                await self.lifecycle.retire()
+            except Exception as exc:  # the database may be gone: heartbeat age tells
+                logger.warning("could not mark the worker stopped (%s)", exc)
+        for engine in self._own_engines:
+            if isinstance(engine, AsyncEngine):
+                await engine.dispose()
+            else:
+                engine.dispose()
 
     @property
     def _any_worker_id(self) -> uuid.UUID:
@@ -332,7 +351,7 @@ class Worker:
                 len(running),
             )
             await asyncio.wait(running, timeout=max(0.0, deadline - time.monotonic()))
-        self._give_up_at = give_up_at = max(deadline, time.monotonic()) + SETTLE_GRACE
+        self._give_up_at = give_up_at = deadline + SETTLE_GRACE
         left = [
             (task, future)
             for task, future in self._tasks.values()
@@ -381,15 +400,15 @@ async def _wait_or_cancel(tasks: list[asyncio.Task[None]], deadline: float) -> N
     for task in pending:
         task.cancel()
     if pending:
-        await asyncio.wait(pending, timeout=0.5)
+        await asyncio.wait(pending, timeout=0.2)
 
 
 async def _bounded(work: Awaitable[Any], deadline: float, what: str | None = None) -> None:
-    """Await ``work`` until ``deadline`` (at least half a second; the database may not
+    """Await ``work`` until ``deadline`` (at least a moment; the database may not
     answer while the worker stops); then cancel it without waiting. Errors are logged,
     not raised."""
     task = asyncio.ensure_future(work)
-    await asyncio.wait({task}, timeout=max(0.5, deadline - time.monotonic()))
+    await asyncio.wait({task}, timeout=max(0.2, deadline - time.monotonic()))
     if not task.done():
         task.cancel()
         if what is not None:

@@ -17,6 +17,7 @@ from .. import events
 from .._db import DB_ERRORS, ErrorKind, classify, first_line
 from ..schema import worker_queries
 from .backoff import Backoff
+from .handlers import storable
 from .task import ClaimedTask, TaskKey, TaskState
 
 logger = logging.getLogger("pgflow_sa.worker")
@@ -69,7 +70,7 @@ class Settler:
             return
         if done is None:
             return
-        self._record([t for t, _ in items], done, TaskState.SETTLED)
+        await self._record([t for t, _ in items], done, TaskState.SETTLED)
         self.completed += sum(1 for t, _ in items if t.key in done)
 
     async def fail(self, items: Sequence[tuple[ClaimedTask, str]]) -> None:
@@ -82,12 +83,19 @@ class Settler:
         try:
             done = await self._write(statement, f"failing {len(items)} task(s)")
         except _Refused as refused:
-            for task, _ in items:
-                logger.error("pgflow refused to fail %s: %s", task.describe(), refused)
+            if len(items) > 1:
+                for item in items:
+                    await self.fail([item])
+                return
+            task, message = items[0]
+            logger.error("pgflow refused to fail %s: %s", task.describe(), refused)
+            fallback = f"the error could not be stored ({refused}); it began: {message[:200]!r}"
+            if message != fallback:
+                await self.fail([(task, storable(fallback))])
             return
         if done is None:
             return
-        self._record([t for t, _ in items], done, TaskState.SETTLED)
+        await self._record([t for t, _ in items], done, TaskState.SETTLED)
         self.failed += sum(1 for t, _ in items if t.key in done)
 
     async def hand_back(self, tasks: Sequence[ClaimedTask], delay_seconds: int = 0) -> int:
@@ -103,14 +111,34 @@ class Settler:
             return 0
         if done is None:
             return 0
-        self._record(tasks, done, TaskState.HANDED_BACK)
+        await self._record(tasks, done, TaskState.HANDED_BACK)
         self.handed_back += len(done)
         return len(done)
 
-    def _record(self, tasks: Sequence[ClaimedTask], done: set[TaskKey], state: TaskState) -> None:
+    async def _record(
+        self, tasks: Sequence[ClaimedTask], done: set[TaskKey], state: TaskState
+    ) -> None:
+        missed = [task for task in tasks if task.key not in done]
         for task in tasks:
             if task.key in done:
                 task.state = state
+        if not missed:
+            return
+        # not held any more: settled by this same attempt through another path (its
+        # handler's session completed it while a timeout or a shutdown raced it), or lost
+        try:
+            async with self._engine.connect() as conn:
+                ours = {
+                    (r.run_id, r.step_slug, r.task_index)
+                    for r in await conn.execute(
+                        worker_queries.settled_by([t.fence for t in missed])
+                    )
+                }
+        except DB_ERRORS:
+            ours = set()
+        for task in missed:
+            if task.key in ours:
+                task.state = TaskState.SETTLED
             else:
                 self.mark_lost(task)
 
