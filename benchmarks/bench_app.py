@@ -40,4 +40,23 @@ async def each(item: Any, ctx: Context) -> int:
     return 1
 
 
-flows = FlowRegistry(noop, chain, wide)
+# a root map over the flow input (an array); its handler does not take ctx, so a worker
+# has no reason to fetch or ship the run input with each task
+root_map = Flow("bench_root_map")
+
+
+@root_map.map
+async def element(item: Any) -> int:
+    return 1
+
+
+# the same, but the handler reads ctx.flow_input once (the whole input array)
+root_map_ctx = Flow("bench_root_map_ctx")
+
+
+@root_map_ctx.map
+async def element_ctx(item: Any, ctx: Context) -> int:
+    return 1 if len(ctx.flow_input) else 0
+
+
+flows = FlowRegistry(noop, chain, wide, root_map, root_map_ctx)
