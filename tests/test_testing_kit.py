@@ -144,3 +144,23 @@ def test_handler_sessions_behave_as_under_a_worker(db_url: str) -> None:
             "AND state = 'idle in transaction'"
         ).fetchone()
     assert idle == (0,)
+
+
+too_slow = Flow("kit_too_slow", timeout=3, max_attempts=1)
+
+
+@too_slow.step
+def sleeps_past_its_timeout(input: Any) -> str:
+    time.sleep(4.5)
+    return "late"
+
+
+def test_run_flow_enforces_step_timeouts_like_a_worker(db_url: str) -> None:
+    """run_flow runs tasks through the worker's own code: a sync handler runs in a
+    thread of its own and is failed at the step timeout."""
+    deploy(db_url, too_slow)
+    began = time.monotonic()
+    run = run_flow(db_url, too_slow, {})
+    assert run.status is RunStatus.FAILED
+    assert run.error == "TimeoutError: step 'sleeps_past_its_timeout' did not finish within 3 s"
+    assert time.monotonic() - began < 4.5  # failed at the timeout, not when it returned

@@ -15,6 +15,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -369,16 +370,7 @@ async def test_a_transient_error_while_settling_keeps_the_result(
     result kept, not dropped as a refusal."""
     deploy(db_url, transient)
     await asql(db_url, f"ALTER DATABASE \"{database_name(db_url)}\" SET {setting} = '{value}'")
-    settings = WorkerSettings(
-        max_concurrency=2,
-        poll_interval=0.5,
-        fallback_poll_interval=0.05,
-        heartbeat_interval=0.3,
-        recovery_interval=0.3,
-        stall_margin=2,
-        max_backoff=0.5,
-        shutdown_timeout=5,
-    )
+    settings = replace(FAST_SETTINGS, max_concurrency=2, stall_margin=2)
     async with running_worker(transient, db_url, settings=settings):
         run_id = await astart_run(db_url, "f_transient")
 
@@ -426,15 +418,7 @@ async def test_max_concurrency_is_one_budget_over_all_flows(db_url: str) -> None
     deploy(db_url, *counted)
     concurrency.update(now=0, max=0)
     run_ids = [await astart_run(db_url, flow.slug) for flow in counted for _ in range(6)]
-    settings = WorkerSettings(
-        max_concurrency=2,
-        batch_size=10,
-        poll_interval=0.5,
-        fallback_poll_interval=0.05,
-        heartbeat_interval=0.3,
-        recovery_interval=0.3,
-        shutdown_timeout=5,
-    )
+    settings = replace(FAST_SETTINGS, max_concurrency=2, batch_size=10)
     async with running_worker(counted, db_url, settings=settings):
         statuses = await runs_finished(db_url, run_ids, 30)
     assert concurrency["max"] <= 2, concurrency
@@ -463,15 +447,7 @@ async def test_timed_out_sync_handlers_keep_their_slots(db_url: str) -> None:
     attempt 1."""
     deploy(db_url, stubborn)
     hang_release.clear()
-    settings = WorkerSettings(
-        max_concurrency=2,
-        poll_interval=0.5,
-        fallback_poll_interval=0.05,
-        heartbeat_interval=0.3,
-        recovery_interval=0.3,
-        stall_margin=2,
-        shutdown_timeout=5,
-    )
+    settings = replace(FAST_SETTINGS, max_concurrency=2, stall_margin=2)
     try:
         async with running_worker(stubborn, db_url, settings=settings):
             hung = [await astart_run(db_url, "f_stubborn", {"hang": True}) for _ in range(2)]
@@ -559,16 +535,7 @@ async def test_a_dropped_and_recreated_flow_is_served_again(db_url: str) -> None
     pgflow.workers row and the queue under a live worker: it registers again and
     serves runs of the new flow."""
     deploy(db_url, phoenix)
-    settings = WorkerSettings(
-        max_concurrency=4,
-        poll_interval=0.5,
-        fallback_poll_interval=0.05,
-        heartbeat_interval=0.3,
-        recovery_interval=0.3,
-        stall_margin=2,
-        max_backoff=0.5,
-        shutdown_timeout=5,
-    )
+    settings = replace(FAST_SETTINGS, max_concurrency=4, stall_margin=2)
     async with running_worker(phoenix, db_url, settings=settings):
         before = await astart_run(db_url, phoenix.slug, {"n": 1})
         assert await runs_finished(db_url, [before], 15) == {before: "completed"}
@@ -594,14 +561,7 @@ async def test_plan_cache_mode_is_applied_to_the_worker_connections(db_url: str)
     """Given only a database URL, the worker's connections (which async handlers share
     through ctx.async_session) use the configured plan_cache_mode."""
     deploy(db_url, plan_mode)
-    settings = WorkerSettings(
-        plan_cache_mode="force_generic_plan",
-        poll_interval=0.5,
-        fallback_poll_interval=0.05,
-        heartbeat_interval=0.3,
-        recovery_interval=0.3,
-        shutdown_timeout=5,
-    )
+    settings = replace(FAST_SETTINGS, plan_cache_mode="force_generic_plan")
     async with running_worker(plan_mode, db_url, settings=settings):
         run_id = await astart_run(db_url, plan_mode.slug)
         statuses = await runs_finished(db_url, [run_id], 15)
@@ -636,14 +596,7 @@ async def test_connection_lifetime_recycles_the_worker_connections(db_url: str) 
     are replaced: the backends seen at first go away and new ones serve it."""
     deploy(db_url, idle)
     database = database_name(db_url)
-    settings = WorkerSettings(
-        connection_lifetime=1,
-        poll_interval=0.5,
-        fallback_poll_interval=0.05,
-        heartbeat_interval=0.3,
-        recovery_interval=0.3,
-        shutdown_timeout=5,
-    )
+    settings = replace(FAST_SETTINGS, connection_lifetime=1)
     names: set[str] = set()
 
     async def backends() -> set[int]:
@@ -684,15 +637,7 @@ async def test_a_lost_listen_connection_is_closed(db_url: str) -> None:
     a pooled connection that was never checked in)."""
     deploy(db_url, listening)
     database = database_name(db_url)
-    settings = WorkerSettings(
-        use_notifications=True,
-        poll_interval=0.5,
-        fallback_poll_interval=0.05,
-        heartbeat_interval=0.3,
-        recovery_interval=0.3,
-        max_backoff=0.5,
-        shutdown_timeout=5,
-    )
+    settings = replace(FAST_SETTINGS, use_notifications=True)
 
     async def listeners() -> set[int]:
         return {pid for (pid,) in await asql(db_url, LISTEN_BACKENDS, [database])}

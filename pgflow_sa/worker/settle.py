@@ -200,7 +200,7 @@ class CompletionBatcher:
     holds its row locks long). Claiming waits while ``max_backlog`` completions are
     unwritten, so a worker never runs far ahead of what it has stored."""
 
-    def __init__(self, settler: Settler, max_batch: int = 50, max_backlog: int = 100) -> None:
+    def __init__(self, settler: Settler, max_batch: int = 50, max_backlog: int = 1000) -> None:
         self._settler = settler
         self._max_batch = max_batch
         self._max_backlog = max_backlog
