@@ -285,6 +285,7 @@ class Worker:
             if not released:
                 released = True
                 budget.give(1)
+                self._wake_all()  # a finished handler often means a next step queued
 
         future = asyncio.create_task(self._runner.run(task, release))
         self._tasks[task.key] = (task, future)
