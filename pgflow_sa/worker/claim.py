@@ -35,26 +35,24 @@ class Budget:
     def __init__(self, size: int) -> None:
         self.size = size
         self.free = size
+        self.closed = False
         self._changed = asyncio.Event()
 
-    async def take(self, most: int, stopping: asyncio.Event) -> int:
-        """Take between 1 and ``most`` slots, waiting for one; 0 once stopping."""
-        while self.free <= 0:
-            if stopping.is_set():
-                return 0
+    async def take(self, most: int) -> int:
+        """Take between 1 and ``most`` slots, waiting for one; 0 once closed."""
+        while self.free <= 0 and not self.closed:
             self._changed.clear()
-            waiter = asyncio.ensure_future(self._changed.wait())
-            stop = asyncio.ensure_future(stopping.wait())
-            try:
-                await asyncio.wait([waiter, stop], return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
-                stop.cancel()
-        if stopping.is_set():
+            await self._changed.wait()
+        if self.closed:
             return 0
         taken = min(most, self.free)
         self.free -= taken
         return taken
+
+    def close(self) -> None:
+        """No more slots are handed out (the worker stops); waiting takers get 0."""
+        self.closed = True
+        self._changed.set()
 
     def give(self, count: int = 1) -> None:
         if count:
@@ -101,8 +99,9 @@ class Poller:
         while not stopping.is_set() and not self.deprecated:
             if not self._room.is_set():  # completions to write first
                 await _either(self._room, stopping)
-            qty = await self._budget.take(self._settings.batch_size, stopping)
-            if qty == 0:
+            qty = await self._budget.take(self._settings.batch_size)
+            if qty == 0 or self.deprecated or stopping.is_set():
+                self._budget.give(qty)
                 break
             self.wake.clear()
             started = time.monotonic()
@@ -133,7 +132,7 @@ class Poller:
                 else self._settings.fallback_poll_interval
             )
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(_either(self.wake, stopping), interval)
+                await asyncio.wait_for(self.wake.wait(), interval)  # set on stop too
 
     async def _after_error(
         self, exc: BaseException, backoff: Backoff, stopping: asyncio.Event

