@@ -13,7 +13,13 @@ from .client import (
     start_flow_async,
 )
 from .compiler import compile_flow
-from .config import get_database_url, resolve_database_url, to_libpq_url, to_sqlalchemy_url
+from .config import (
+    async_engine_from_url,
+    get_database_url,
+    resolve_database_url,
+    to_libpq_url,
+    to_sqlalchemy_url,
+)
 from .context import Context
 from .dsl import Flow, StepDefinition
 from .embedded import EmbeddedServer
@@ -100,6 +106,7 @@ __all__ = [
     "StepTask",
     "TaskStatus",
     "__version__",
+    "async_engine_from_url",
     "check_schema",
     "compile_flow",
     "deploy_flows",

@@ -14,7 +14,6 @@ from functools import wraps
 from typing import Any, TypeVar
 
 import click
-from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from . import __version__
@@ -30,11 +29,11 @@ from .client import (
 from .compiler import compile_flow
 from .config import (
     DATABASE_URL_ENV,
+    async_engine_from_url,
     default_data_dir,
     embedded_database_url,
     mask_password,
     resolve_database_url,
-    to_sqlalchemy_url,
 )
 from .dsl import Flow
 from .embedded import EmbeddedServer
@@ -43,6 +42,12 @@ from .models import RunStatus
 from .registry import FlowRegistry, load_registry
 from .schema.deploy import deploy_flows
 from .schema.installer import SchemaState, check_schema, install_schema
+from .schema.roles import (
+    DEFAULT_CLIENT_ROLE,
+    DEFAULT_WORKER_ROLE,
+    grant_roles,
+    grant_statements,
+)
 from .waiting import watch_run
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -117,6 +122,55 @@ def install(database_url: str | None, check: bool) -> None:
     for action in report.actions or ["nothing to do"]:
         click.echo(action)
     for line in report.status_after.describe():
+        click.echo(line)
+
+
+@cli.command()
+@click.option(
+    "--worker-role",
+    default=DEFAULT_WORKER_ROLE,
+    show_default=True,
+    metavar="NAME",
+    help="The role for pgflow-sa workers.",
+)
+@click.option(
+    "--client-role",
+    default=DEFAULT_CLIENT_ROLE,
+    show_default=True,
+    metavar="NAME",
+    help="The role for apps that start and read runs.",
+)
+@click.option("--no-create", is_flag=True, help="Fail if a role is missing instead of creating it.")
+@click.option(
+    "--sql",
+    "print_sql",
+    is_flag=True,
+    help="Print the SQL statements instead of running them (needs no database).",
+)
+@database_url_option
+@clean_errors
+def roles(
+    worker_role: str,
+    client_role: str,
+    no_create: bool,
+    print_sql: bool,
+    database_url: str | None,
+) -> None:
+    """Create (NOLOGIN, when missing) and grant a worker role and a client role.
+
+    The worker role may claim, complete and fail tasks and heartbeat; the client role
+    may start runs and read them. Run it as the role that deploys flows: queue tables
+    of flows deployed later are then granted by its default privileges. Idempotent.
+    """
+    statements = grant_statements(worker_role, client_role, create=not no_create)  # checks names
+    if print_sql:
+        for statement in statements:
+            click.echo(f"{statement};")
+        return
+    url = _database_url(database_url)
+    click.echo(f"database: {mask_password(url)}")
+    report = grant_roles(url, worker_role, client_role, create=not no_create)
+    for line in report.describe():
         click.echo(line)
 
 
@@ -246,7 +300,7 @@ EXIT_WAIT_TIMEOUT = 4
 async def _start_and_follow(
     url: str, flow: str, value: Any, run_id: uuid.UUID | None, wait: bool, timeout: float
 ) -> int:
-    engine = create_async_engine(to_sqlalchemy_url(url, "asyncpg"), poolclass=NullPool)
+    engine = async_engine_from_url(url, poolclass=NullPool)
     try:
         async with engine.begin() as conn:
             run = await start_flow_async(conn, flow, value, run_id=run_id)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import unquote, urlencode
 
+from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from .exceptions import ConfigurationError
 
@@ -22,17 +28,94 @@ Driver = Literal["psycopg", "asyncpg"]
 _POSTGRES_SCHEMES = {"postgres", "postgresql"}
 _EXAMPLE = "postgresql://user:password@host:5432/dbname"
 
+#: libpq parameters asyncpg takes under another name or in another form: asyncpg
+#: engines from :func:`async_engine_from_url` pass them on as it wants them
+_SERVER_SETTINGS = ("application_name", "options")
+_SSL_FILES = (
+    "sslcert",
+    "sslkey",
+    "sslpassword",
+    "sslrootcert",
+    "sslcrl",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+)
+_TRANSLATED = frozenset(
+    {*_SERVER_SETTINGS, "fallback_application_name", "connect_timeout", *_SSL_FILES}
+)
+#: where each goes, for the message of a URL that cannot carry them
+_CONNECT_ARGS_HINT = {
+    "application_name": "connect_args={'server_settings': {'application_name': ...}}",
+    "fallback_application_name": "connect_args={'server_settings': {'application_name': ...}}",
+    "options": "connect_args={'server_settings': {'statement_timeout': ...}}",
+    "connect_timeout": "connect_args={'timeout': seconds}",
+}
+_SSL_HINT = "connect_args={'ssl': ssl.SSLContext(...)} or the PGSSL* environment variables"
+_UTF8 = {"utf8", "unicode"}
+
 
 def to_sqlalchemy_url(url: str | URL, driver: Driver = "psycopg") -> URL:
     """Turn a libpq URL (``postgresql://...``) or any PostgreSQL SQLAlchemy URL into
-    a SQLAlchemy URL using ``driver``."""
+    a SQLAlchemy URL using ``driver``.
+
+    For asyncpg, libpq's ``sslmode`` becomes ``ssl`` and ``dbname`` the database.
+    Parameters asyncpg takes only in ``connect_args`` (``application_name``,
+    ``options``, ``connect_timeout``, the SSL files) raise ConfigurationError: make
+    such engines with :func:`async_engine_from_url`."""
+    return _driver_url(url, driver, translate=False)
+
+
+def async_engine_from_url(url: str | URL, /, **kwargs: Any) -> AsyncEngine:
+    """An asyncpg ``AsyncEngine`` for a libpq URL or a PostgreSQL SQLAlchemy URL;
+    ``kwargs`` go to SQLAlchemy's ``create_async_engine``.
+
+    libpq parameters that asyncpg spells otherwise reach it in its own terms:
+    ``application_name`` and ``options`` as ``server_settings`` (and
+    ``fallback_application_name`` when nothing names the application),
+    ``connect_timeout`` as ``timeout``, the SSL files (``sslrootcert``, ``sslcert``,
+    ``sslkey``, ...) as asyncpg reads them from a DSN. The URL's parameters win over
+    the same settings in ``connect_args``. The engine's ``url`` keeps them, so
+    engines made from it (psycopg ones too) get them as well. Parameters asyncpg has
+    no equivalent for raise ConfigurationError."""
+    parsed = _driver_url(url, "asyncpg", translate=True)
+    libpq = {key: _last(value) for key, value in parsed.query.items() if key in _TRANSLATED}
+    connect_args = dict(kwargs.pop("connect_args", None) or {})
+    settings = dict(connect_args.get("server_settings") or {})
+    for key in _SERVER_SETTINGS:
+        if key in libpq:
+            settings[key] = libpq[key]
+    if "fallback_application_name" in libpq:
+        settings.setdefault("application_name", libpq["fallback_application_name"])
+    if settings:
+        connect_args["server_settings"] = settings
+    if "connect_timeout" in libpq:
+        connect_args["timeout"] = _connect_timeout(libpq["connect_timeout"])
+    ssl_files = {key: libpq[key] for key in _SSL_FILES if key in libpq}
+    if ssl_files:
+        # asyncpg reads these only from a DSN; its keyword arguments (host, ssl, ...)
+        # win over the DSN, so this one carries nothing else
+        connect_args["dsn"] = "postgresql://?" + urlencode(ssl_files)
+    engine = create_async_engine(parsed, connect_args=connect_args, **kwargs)
+    if libpq:
+        event.listen(engine.sync_engine, "do_connect", functools.partial(_drop, tuple(libpq)))
+    return engine
+
+
+def _drop(keys: tuple[str, ...], dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
+    """SQLAlchemy passes every URL parameter to asyncpg.connect, which refuses libpq's
+    spellings: connect_args carries them in asyncpg's terms."""
+    for key in keys:
+        cparams.pop(key, None)
+
+
+def _driver_url(url: str | URL, driver: Driver, *, translate: bool) -> URL:
     if isinstance(url, URL):
         parsed = url
     else:
         text = url.strip()
         if "://" not in text:
             raise ConfigurationError(
-                f"invalid database URL {text!r}: expected a URL such as {_EXAMPLE}"
+                f"invalid database URL {mask_password(text)!r}: expected a URL such as {_EXAMPLE}"
             )
         try:
             parsed = make_url(text)
@@ -46,13 +129,76 @@ def to_sqlalchemy_url(url: str | URL, driver: Driver = "psycopg") -> URL:
             f"unsupported database URL scheme {parsed.drivername!r}: pgflow-sa needs "
             f"PostgreSQL, e.g. {_EXAMPLE}"
         )
+    if driver == "asyncpg":
+        return _asyncpg_url(parsed, translate=translate)
     query = dict(parsed.query)
-    if driver == "asyncpg" and "sslmode" in query:
-        # asyncpg spells libpq's sslmode as ssl
-        query["ssl"] = query.pop("sslmode")
-    elif driver == "psycopg" and "ssl" in query and "sslmode" not in query:
+    if "ssl" in query and "sslmode" not in query:
         query["sslmode"] = query.pop("ssl")
     return parsed.set(drivername=f"postgresql+{driver}", query=query)
+
+
+def _asyncpg_url(parsed: URL, *, translate: bool) -> URL:
+    """``parsed`` for asyncpg: what SQLAlchemy passes on as asyncpg.connect's keyword
+    arguments, plus (with ``translate``) what :func:`async_engine_from_url` moves."""
+    query = dict(parsed.query)
+    if "sslmode" in query:
+        query["ssl"] = query.pop("sslmode")
+    if "dbname" in query:
+        parsed = parsed.set(database=_last(query.pop("dbname")))
+    encoding = query.pop("client_encoding", None)
+    if encoding is not None and re.sub(r"[-_]", "", _last(encoding).lower()) not in _UTF8:
+        raise ConfigurationError(
+            "asyncpg always uses UTF8: remove 'client_encoding' from the database URL"
+        )
+    taken = _asyncpg_keywords()
+    needs_connect_args = sorted(key for key in query if key in _TRANSLATED)
+    unknown = sorted(key for key in query if key not in taken and key not in _TRANSLATED)
+    if unknown:
+        raise ConfigurationError(
+            f"asyncpg has no connection parameter {_names(unknown)} (libpq has several it "
+            "lacks): remove it from the database URL, or use psycopg"
+        )
+    if needs_connect_args and not translate:
+        hints = sorted({_CONNECT_ARGS_HINT.get(key, _SSL_HINT) for key in needs_connect_args})
+        raise ConfigurationError(
+            f"asyncpg takes libpq's {_names(needs_connect_args)} only in connect_args, not "
+            "in a SQLAlchemy URL: make the engine with "
+            "pgflow_sa.async_engine_from_url(url), which passes them on, or remove "
+            f"them from the URL and pass {' or '.join(hints)}"
+        )
+    if "connect_timeout" in query:
+        _connect_timeout(_last(query["connect_timeout"]))
+    return parsed.set(drivername="postgresql+asyncpg", query=query)
+
+
+@functools.cache
+def _asyncpg_keywords() -> frozenset[str]:
+    """The URL parameters SQLAlchemy's asyncpg dialect can pass on: asyncpg.connect's
+    keyword arguments that take a string, and the dialect's own."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    not_strings = {"dsn", "loop", "connection_class", "record_class", "server_settings"}
+    keywords = set(inspect.signature(asyncpg.connect).parameters) - not_strings
+    return frozenset({*keywords, "prepared_statement_cache_size"})
+
+
+def _connect_timeout(value: str) -> int | None:
+    try:
+        seconds = int(value.strip())
+    except ValueError:
+        raise ConfigurationError(
+            f"connect_timeout must be a whole number of seconds, not {value!r}"
+        ) from None
+    return seconds if seconds > 0 else None  # libpq: zero or less waits for ever
+
+
+def _last(value: str | tuple[str, ...]) -> str:
+    """A URL parameter's value (libpq, like SQLAlchemy, lets the last one win)."""
+    return value if isinstance(value, str) else value[-1]
+
+
+def _names(keys: list[str]) -> str:
+    return ", ".join(repr(key) for key in keys)
 
 
 def to_libpq_url(url: str | URL) -> str:
@@ -61,22 +207,42 @@ def to_libpq_url(url: str | URL) -> str:
     return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+#: ``user:password@`` of a URL. A password may hold ``@``, ``/`` or ``?`` unescaped, so
+#: it runs to the last ``@`` before a host part free of ``@`` (more hidden, never less)
+_USERINFO = re.compile(r"(?P<user>[^:/?#@\s]*):(?P<password>.+?)@(?=[^@/?#]*(?:[/?#]|$))", re.S)
+#: ``key=value`` of a URL's query
+_QUERY_PARAM = re.compile(r"(?<=[?&])(?P<key>[^=&]*)=(?P<value>[^&]*)")
+#: ``key=value`` of a libpq keyword/value string (or of something like a URL), the
+#: value maybe quoted
+_KEYWORD_PARAM = re.compile(
+    r"(?<![^\s?&])(?P<key>[^\s=?&]+)\s*=\s*(?P<value>'(?:[^'\\]|\\.)*'?|\S*)"
+)
+_SECRET_KEYS = {"password", "sslpassword"}
+
+
 def mask_password(url: str | URL) -> str:
-    """A URL fit for printing: the password replaced by ``***``."""
+    """A URL fit for printing: passwords replaced by ``***``, in the user info
+    (``user:password@``) and in ``password`` (or ``sslpassword``) parameters. Text
+    that is no URL gets the same treatment, so a password never shows."""
     if isinstance(url, URL):
-        return url.render_as_string(hide_password=True)
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):
-        return "<unparseable URL>"
-    if not parsed.password:
-        return url
-    scheme, rest = url.split("://", 1)
-    userinfo, sep, hostpart = rest.rpartition("@")
-    if not sep:
-        return parsed.render_as_string(hide_password=True)
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{hostpart}"
+        return _mask_parameters(url.render_as_string(hide_password=True))
+    head, sep, rest = url.partition("://")
+    match = _USERINFO.match(rest) if sep else _USERINFO.search(url)
+    if match is not None:
+        text = match.string
+        text = text[: match.start("password")] + "***" + text[match.end("password") :]
+        url = head + sep + text if sep else text
+    return _mask_parameters(url)
+
+
+def _mask_parameters(text: str) -> str:
+    def hide(match: re.Match[str]) -> str:
+        if unquote(match["key"]).strip().lower() not in _SECRET_KEYS:
+            return match[0]
+        return match[0][: match.start("value") - match.start()] + "***"
+
+    pattern = _QUERY_PARAM if "://" in text else _KEYWORD_PARAM
+    return pattern.sub(hide, text)
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,16 @@ One :class:`RunWatcher` per engine (and event loop) holds a single LISTEN
 connection and serves every wait and watch on that engine, however many.
 Subscriptions are made before the run's state is read (and, in
 :func:`start_flow_and_wait_async`, before the run is started), so no event is
-missed. Where notifications are absent — pgflow-sa's publisher not installed
-(e.g. Supabase, whose realtime.send goes elsewhere) or turned off with
-``pgflow_sa.notify = 'off'`` — the watcher polls instead, with one query for
-all the runs it waits on, never one per run. With notifications it still makes
-that batched check every ``safety_interval`` seconds, in case one was lost.
+missed.
+
+Notifications are hints: anyone who can connect can send one, so a wait returns
+and a watch yields an event only once the tables, read with the engine's own
+privileges, say so. The LISTEN connection is supervised
+(:class:`~pgflow_sa._listen.ListenConnection`): while it is not listening —
+connecting, lost, refused, or notifications absent (Supabase's own realtime.send,
+``pgflow_sa.notify = 'off'``) — the watcher polls, with one query for all the runs
+it waits on, never one per run. When listening it still makes that batched check
+every ``safety_interval`` seconds, and once each time listening (re)starts.
 """
 
 from __future__ import annotations
@@ -19,19 +24,19 @@ import json
 import logging
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ._db import database_errors, first_line
+from . import _background as background
+from ._backoff import Backoff
+from ._db import DB_ERRORS, classify, database_errors, first_line
+from ._listen import Channels, ListenConnection, notifications_enabled
 from .client import get_run_async, parse_run_id, start_flow_async
-from .config import to_sqlalchemy_url
 from .dsl import Flow
 from .exceptions import PgflowSaError, RunNotFoundError, RunTimeoutError
 from .models import Run, RunEvent
@@ -79,12 +84,15 @@ def parse_notification(text: str) -> RunEvent | None:
 class _Subscription:
     run_id: uuid.UUID
     steps: bool
+    #: hints that the run may have changed (notifications, or batched checks)
     queue: asyncio.Queue[RunEvent] = field(default_factory=asyncio.Queue)
-    last_steps: dict[str, str] = field(default_factory=dict)
 
 
 class RunWatcher:
-    """Serves waits and watches on one async engine from one LISTEN connection."""
+    """Serves waits and watches on one async engine from one LISTEN connection.
+
+    Notifications only say where to look: a wait returns, and a watch yields an
+    event, after the tables (read with the engine's own privileges) say so."""
 
     def __init__(
         self,
@@ -98,14 +106,24 @@ class RunWatcher:
         self.poll_interval = poll_interval
         self.safety_interval = safety_interval
         self.use_notifications = use_notifications
-        self.mode: Literal["idle", "notify", "poll"] = "idle"
-        self.polls = 0  # batched state checks made (one query each, whatever the run count)
+        self.polls = 0  # batched checks made on a timer (one query each, whatever the run count)
+        self.checks = 0  # every batched check, including those made when listening resumes
         self._subs: dict[uuid.UUID, set[_Subscription]] = {}
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
-        self._listen_conn: AsyncConnection | None = None
-        self._raw: Any = None
+        self._listener: ListenConnection | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def mode(self) -> Literal["idle", "notify", "poll"]:
+        """idle: nothing waited on; notify: woken by notifications; poll: checking
+        every ``poll_interval`` (not listening, or not yet)."""
+        if self._task is None:
+            return "idle"
+        if self._listener is not None and self._listener.state == "listening":
+            return "notify"
+        return "poll"
 
     # --- subscriptions ---------------------------------------------------------
 
@@ -113,11 +131,9 @@ class RunWatcher:
     async def subscribe(
         self, run_id: uuid.UUID, *, steps: bool = False
     ) -> AsyncIterator[_Subscription]:
-        """Receive the run's events while the context is open."""
+        """Receive hints about the run while the context is open."""
         sub = _Subscription(run_id, steps)
         async with self._lock:
-            if self.mode == "idle":
-                await self._start()
             self._subs.setdefault(run_id, set()).add(sub)
         try:
             yield sub
@@ -131,105 +147,115 @@ class RunWatcher:
                 if not self._subs:
                     await self._stop()
 
-    async def _start(self) -> None:
-        self.mode = "poll"
-        if self.use_notifications:
-            with database_errors(self.engine.url, PgflowSaError):
-                conn = await self.engine.connect()
-                try:
-                    enabled = bool((await conn.execute(queries.notifications_enabled())).scalar())
-                    await conn.commit()
-                    if enabled:
-                        raw = (await conn.get_raw_connection()).driver_connection
-                        assert raw is not None
-                        await raw.add_listener(queries.CHANNEL, self._on_notify)
-                        raw.add_termination_listener(self._on_lost)
-                        self._listen_conn, self._raw, self.mode = conn, raw, "notify"
-                finally:
-                    if self.mode != "notify":
-                        await conn.close()
-        self._task = asyncio.create_task(self._loop(), name="pgflow-sa run watcher")
+    async def _activate(self) -> None:
+        """Start listening and checking, once something has to wait (a run that is
+        finished when first read costs no connection to listen on). Never waits
+        for the listener and never fails: it connects in the background, and
+        checks are made on a timer until it listens."""
+        async with self._lock:
+            if self._task is not None:
+                return
+            _register(self)
+            self._stopping = False
+            if self.use_notifications:
+                self._listener = ListenConnection(
+                    self.engine,
+                    self._channels,
+                    on_up=self._wake.set,  # catch up on what happened before it listened
+                    on_down=self._wake.set,
+                    name="run watcher",
+                )
+                self._listener.start()
+            self._task = asyncio.create_task(self._loop(), name="pgflow-sa run watcher")
 
     async def _stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._listen_conn is not None:
-            raw, self._raw = self._raw, None  # so closing is not taken for a lost connection
-            with contextlib.suppress(Exception):
-                raw.remove_termination_listener(self._on_lost)
-                await raw.remove_listener(queries.CHANNEL, self._on_notify)
-            with contextlib.suppress(Exception):
-                await self._listen_conn.close()
-            self._listen_conn = None
-        self.mode = "idle"
-
-    # --- event sources ---------------------------------------------------------
-
-    def _deliver(self, event: RunEvent) -> None:
-        for sub in self._subs.get(event.run_id, ()):
-            sub.queue.put_nowait(event)
-
-    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        event = parse_notification(payload)
-        if event is not None:
-            self._deliver(event)
-
-    def _on_lost(self, conn: Any) -> None:
-        if conn is not self._raw:
-            return
-        logger.warning("the LISTEN connection was lost; polling for run events instead")
-        self.mode = "poll"
-        self._listen_conn = self._raw = None
+        self._stopping = True  # a cancel that asyncio.wait_for swallows (3.10, 3.11) still ends it
         self._wake.set()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.stop()
+        _forget(self)
+
+    # --- hints -----------------------------------------------------------------
+
+    async def _channels(self, conn: AsyncConnection) -> Channels:
+        return {queries.CHANNEL: self._on_notify} if await notifications_enabled(conn) else {}
+
+    def _on_notify(self, payload: str) -> None:
+        event = parse_notification(payload)
+        if event is None:
+            return
+        for sub in self._subs.get(event.run_id, ()):
+            if sub.steps or event.is_run_event:
+                sub.queue.put_nowait(event)
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             interval = self.poll_interval if self.mode == "poll" else self.safety_interval
-            with contextlib.suppress(asyncio.TimeoutError):
+            try:
                 await asyncio.wait_for(self._wake.wait(), interval)
+            except asyncio.TimeoutError:
+                self.polls += 1
             self._wake.clear()
+            if self._stopping:
+                return
             try:
                 await self._check()
-            except (DBAPIError, OSError) as exc:
+            except DB_ERRORS as exc:
                 logger.warning("checking run states failed (%s); retrying", first_line(exc))
 
     async def _check(self) -> None:
+        """One query for every run waited on: finished ones wake their waits, and
+        watches re-read their run."""
         ids = list(self._subs)
         if not ids:
             return
-        self.polls += 1
-        step_ids = [rid for rid in ids if any(s.steps for s in self._subs.get(rid, ()))]
+        self.checks += 1
         async with self.engine.connect() as conn:
-            step_rows = (
-                (await conn.execute(queries.step_statuses(step_ids))).all()
-                if step_ids and self.mode == "poll"
-                else []
-            )
-            finished = (await conn.execute(queries.finished_runs(ids))).all()
-        for row in step_rows:
-            for sub in self._subs.get(row.run_id, ()):
-                if sub.steps and sub.last_steps.get(row.step_slug) != row.status:
-                    sub.last_steps[row.step_slug] = row.status
-                    if row.status != "created":
-                        sub.queue.put_nowait(
-                            RunEvent(
-                                event=f"step:{row.step_slug}:{row.status}",
-                                run_id=row.run_id,
-                                step_slug=row.step_slug,
-                                status=row.status,
-                            )
-                        )
-        for row in finished:
-            self._deliver(RunEvent(event=f"run:{row.status}", run_id=row.run_id, status=row.status))
+            rows = (await conn.execute(queries.finished_runs(ids))).all()
+        finished = {row.run_id: row.status for row in rows}
+        for run_id in ids:
+            status = finished.get(run_id)
+            for sub in self._subs.get(run_id, ()):
+                if status is not None:
+                    sub.queue.put_nowait(
+                        RunEvent(event=f"run:{status}", run_id=run_id, status=status)
+                    )
+                elif sub.steps:
+                    sub.queue.put_nowait(RunEvent(event="check", run_id=run_id))
+
+    # --- reading ---------------------------------------------------------------
+
+    async def _read(self, run_id: uuid.UUID, *, steps: bool, deadline: float | None) -> Run:
+        """The run as its tables say, retrying transient database errors until
+        ``deadline`` (loop time; None: for ever)."""
+        loop = asyncio.get_running_loop()
+        backoff = Backoff(cap=2.0, first=0.1)
+        while True:
+            try:
+                with database_errors(self.engine.url, PgflowSaError):
+                    async with self.engine.connect() as conn:
+                        run = await get_run_async(conn, run_id, steps=steps)
+            except PgflowSaError as exc:
+                cause = exc.__cause__
+                if cause is None or not classify(cause).transient:
+                    raise
+                delay = backoff.next_delay()
+                if deadline is not None and loop.time() + delay > deadline:
+                    raise
+                logger.debug("reading run %s failed (%s); retrying", run_id, first_line(exc))
+                await asyncio.sleep(delay)
+                continue
+            if run is None:
+                raise RunNotFoundError(f"there is no run {run_id}")
+            return run
 
     # --- waiting ---------------------------------------------------------------
-
-    async def _read(self, run_id: uuid.UUID, steps: bool) -> Run | None:
-        async with self.engine.connect() as conn:
-            return await get_run_async(conn, run_id, steps=steps)
 
     async def wait(self, run_id: uuid.UUID | str, *, timeout: float | None = 60) -> Run:
         """The run once it has completed or failed, with its steps."""
@@ -238,13 +264,12 @@ class RunWatcher:
             return await self._wait(sub, timeout)
 
     async def _wait(self, sub: _Subscription, timeout: float | None) -> Run:
-        current = await self._read(sub.run_id, steps=False)
-        if current is None:
-            raise RunNotFoundError(f"there is no run {sub.run_id}")
-        if current.finished:
-            return await self._final(sub.run_id)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        current = await self._read(sub.run_id, steps=False, deadline=deadline)
+        if current.finished:
+            return await self._read(sub.run_id, steps=True, deadline=deadline)
+        await self._activate()
         while True:
             remaining = None if deadline is None else deadline - loop.time()
             try:
@@ -252,7 +277,7 @@ class RunWatcher:
                     raise asyncio.TimeoutError
                 event = await asyncio.wait_for(sub.queue.get(), remaining)
             except asyncio.TimeoutError:
-                last = await self._final(sub.run_id)
+                last = await self._read(sub.run_id, steps=True, deadline=None)
                 if last.finished:
                     return last
                 raise RunTimeoutError(
@@ -262,48 +287,73 @@ class RunWatcher:
                     run=last,
                 ) from None
             if event.finishes_run:
-                return await self._final(sub.run_id)
-
-    async def _final(self, run_id: uuid.UUID) -> Run:
-        run = await self._read(run_id, steps=True)
-        if run is None:
-            raise RunNotFoundError(f"there is no run {run_id}")
-        return run
+                run = await self._read(sub.run_id, steps=True, deadline=deadline)
+                if run.finished:
+                    return run
+                logger.debug(
+                    "a %s notification for run %s is not what its tables say",
+                    event.event,
+                    sub.run_id,
+                )
 
     async def watch(
         self, run_id: uuid.UUID | str, *, timeout: float | None = None
     ) -> AsyncIterator[RunEvent]:
-        """Yield the run's events as they happen, ending with its run:completed or
-        run:failed event (at once if it has finished already)."""
+        """Yield the run's step events as its tables show them, ending with its
+        run:completed or run:failed event (at once if it has finished already).
+        A step seen finished without having been seen started yields both events."""
         rid = parse_run_id(run_id)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         async with self.subscribe(rid, steps=True) as sub:
-            current = await self._read(rid, steps=True)
-            if current is None:
-                raise RunNotFoundError(f"there is no run {rid}")
-            sub.last_steps.update({s.step_slug: s.status.value for s in current.steps or ()})
-            if current.finished:
-                yield RunEvent(
-                    event=f"run:{current.status.value}", run_id=rid, status=current.status.value
-                )
-                return
-            loop = asyncio.get_running_loop()
-            deadline = None if timeout is None else loop.time() + timeout
-            while True:
+            run = await self._read(rid, steps=True, deadline=deadline)
+            seen = {s.step_slug: s.status.value for s in run.steps or ()}
+            if not run.finished:
+                await self._activate()
+            while not run.finished:
                 remaining = None if deadline is None else deadline - loop.time()
                 try:
-                    event = await asyncio.wait_for(sub.queue.get(), remaining)
+                    if remaining is not None and remaining <= 0:
+                        raise asyncio.TimeoutError
+                    await asyncio.wait_for(sub.queue.get(), remaining)
                 except asyncio.TimeoutError:
-                    last = await self._final(rid)
+                    last = await self._read(rid, steps=True, deadline=None)
                     raise RunTimeoutError(
                         f"watching run {rid} timed out after {timeout} s "
                         f"(status {last.status.value})",
                         run=last,
                     ) from None
-                yield event
-                if event.finishes_run:
-                    return
+                while not sub.queue.empty():  # one read for every hint that piled up
+                    sub.queue.get_nowait()
+                run = await self._read(rid, steps=True, deadline=deadline)
+                for event in _step_events(run, seen):
+                    yield event
+            yield RunEvent(event=f"run:{run.status.value}", run_id=rid, status=run.status.value)
 
 
+def _step_events(run: Run, seen: dict[str, str]) -> Iterator[RunEvent]:
+    """Events for the steps whose status changed since ``seen`` (updated)."""
+    for step in run.steps or ():
+        status, before = step.status.value, seen.get(step.step_slug)
+        if status == before:
+            continue
+        seen[step.step_slug] = status
+        statuses = [status]
+        if status in ("completed", "failed") and before in (None, "created"):
+            statuses.insert(0, "started")
+        for value in statuses:
+            if value != "created":
+                yield RunEvent(
+                    event=f"step:{step.step_slug}:{value}",
+                    run_id=run.run_id,
+                    step_slug=step.step_slug,
+                    status=value,
+                )
+
+
+#: the watchers in use: engine -> id of its event loop -> watcher. A watcher is
+#: here while something waits (and between watcher_for and its first wait), and
+#: leaves when it goes idle, so engines made per call are not kept alive.
 _WATCHERS: weakref.WeakKeyDictionary[AsyncEngine, dict[int, RunWatcher]] = (
     weakref.WeakKeyDictionary()
 )
@@ -317,6 +367,21 @@ def watcher_for(engine: AsyncEngine) -> RunWatcher:
     if watcher is None:
         watcher = per_loop[loop_id] = RunWatcher(engine)
     return watcher
+
+
+def _register(watcher: RunWatcher) -> None:
+    _WATCHERS.setdefault(watcher.engine, {}).setdefault(id(asyncio.get_running_loop()), watcher)
+
+
+def _forget(watcher: RunWatcher) -> None:
+    per_loop = _WATCHERS.get(watcher.engine)
+    if per_loop is None:
+        return
+    loop_id = id(asyncio.get_running_loop())
+    if per_loop.get(loop_id) is watcher:
+        del per_loop[loop_id]
+    if not per_loop:
+        del _WATCHERS[watcher.engine]
 
 
 async def wait_for_run_async(
@@ -354,41 +419,13 @@ async def start_flow_and_wait_async(
         return await watcher._wait(sub, timeout)
 
 
-def _async_engine(target: Engine | AsyncEngine | str | URL) -> AsyncEngine:
-    if isinstance(target, AsyncEngine):
-        return target
-    url = target.url if isinstance(target, Engine) else target
-    return create_async_engine(to_sqlalchemy_url(url, "asyncpg"), poolclass=NullPool)
-
-
-def _run_sync(target: Engine | AsyncEngine | str | URL, work: Callable[[AsyncEngine], Any]) -> Any:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        raise RuntimeError(
-            "this is the blocking API and an event loop is running here: "
-            "use the *_async function instead"
-        )
-
-    async def main() -> Any:
-        engine = _async_engine(target)
-        try:
-            return await work(engine)
-        finally:
-            if engine is not target:
-                await engine.dispose()
-
-    return asyncio.run(main())
-
-
 def wait_for_run(
     target: Engine | str | URL, run_id: uuid.UUID | str, *, timeout: float | None = 60
 ) -> Run:
     """Blocking :func:`wait_for_run_async` for sync code (Flask, scripts); takes a sync
-    engine or a URL and listens on a connection of its own."""
-    result: Run = _run_sync(
+    engine or a URL. Every blocking call in the process shares one background event
+    loop and one async engine per database (see :mod:`pgflow_sa._background`)."""
+    result: Run = background.call(
         target, lambda engine: wait_for_run_async(engine, run_id, timeout=timeout)
     )
     return result
@@ -403,7 +440,7 @@ def start_flow_and_wait(
     timeout: float | None = 60,
 ) -> Run:
     """Blocking :func:`start_flow_and_wait_async`."""
-    result: Run = _run_sync(
+    result: Run = background.call(
         target,
         lambda engine: start_flow_and_wait_async(
             engine, flow, input, run_id=run_id, timeout=timeout

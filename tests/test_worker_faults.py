@@ -6,6 +6,7 @@ by the worker that still owns the task."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import signal
@@ -728,7 +729,8 @@ def test_sigterm_while_the_database_does_not_answer(tmp_path: Path) -> None:
             wait_until(lambda: task_of(url, run_id)[0] == "started", 15, "the task to start")
             frozen = server.pids()
             for pid in frozen:
-                os.kill(pid, signal.SIGSTOP)
+                with contextlib.suppress(ProcessLookupError):  # a backend that just ended
+                    os.kill(pid, signal.SIGSTOP)
             began = time.monotonic()
             worker.proc.send_signal(signal.SIGTERM)
             try:
@@ -738,7 +740,8 @@ def test_sigterm_while_the_database_does_not_answer(tmp_path: Path) -> None:
             took = time.monotonic() - began
         finally:
             for pid in frozen:
-                os.kill(pid, signal.SIGCONT)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
             worker.kill()
         assert code == 0, f"exit code {code} after {took:.1f} s\n{worker.output()}"
 

@@ -15,6 +15,7 @@ from .installer import (
 )
 from .migrations import LATEST_VERSION, PINNED_VERSIONS, Migration, migrations
 from .names import NOTIFY_CHANNEL, PGFLOW_SA_SCHEMA, PGFLOW_SCHEMA, PGMQ_SCHEMA
+from .roles import RoleError, RolesReport, grant_roles, grant_statements
 from .shapes import list_flow_slugs, read_flow_shape, read_flow_shape_async
 
 __all__ = [
@@ -26,11 +27,15 @@ __all__ = [
     "PINNED_VERSIONS",
     "InstallReport",
     "Migration",
+    "RoleError",
+    "RolesReport",
     "SchemaState",
     "SchemaStatus",
     "check",
     "check_schema",
     "functions",
+    "grant_roles",
+    "grant_statements",
     "install",
     "install_schema",
     "list_flow_slugs",

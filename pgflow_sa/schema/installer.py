@@ -8,6 +8,7 @@ at once serialise and the second finds nothing to do.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -24,7 +25,14 @@ from .names import NOTIFY_CHANNEL, PGFLOW_SA_SCHEMA
 INSTALL_LOCK_KEY = 0x7067_666C_6F77_5341
 PGMQ_MIN_VERSION = (1, 5)
 REALTIME_SEND = "realtime.send(jsonb,text,text,boolean)"
+# Our publisher's COMMENT starts with the mark; from the second version on the mark is
+# followed by "v<N> " (queries.notifications_enabled relies on the "pgflow-sa:" prefix).
 _OUR_PUBLISHER_MARK = "pgflow-sa:"
+_PUBLISHER_VERSION = 2  # the version of sql/realtime_send.sql
+_PUBLISHER_VERSION_RE = re.compile(r"pgflow-sa: v(\d+)\b")
+#: The entry ``SchemaStatus.pending`` lists (first) while our realtime.send is outdated;
+#: ``install(upto=PUBLISHER_UPDATE)`` replaces it and applies no migration.
+PUBLISHER_UPDATE = "realtime.send"
 _PGFLOW_CREATE_PGMQ = 'CREATE EXTENSION IF NOT EXISTS "pgmq" WITH SCHEMA "pgmq";'
 
 _PGMQ_OPTIONS = (
@@ -54,9 +62,9 @@ class SchemaStatus:
     target_version: str
     installed_version: str | None
     managed_by: str | None  # "pgflow-sa", "external" or None when absent
-    pending: tuple[str, ...]
+    pending: tuple[str, ...]  # migration names, after PUBLISHER_UPDATE when that is due
     pgmq: str  # "extension 1.13.0", "sql-only", "available as extension 1.13.0", "missing"
-    realtime_send: str  # "pgflow-sa", "external" or "missing"
+    realtime_send: str  # "pgflow-sa", "pgflow-sa (outdated)", "external" or "missing"
 
     def describe(self) -> list[str]:
         lines = [f"pgflow: {self.state.value}"]
@@ -66,13 +74,10 @@ class SchemaStatus:
             lines[0] += " (installed by another tool, older than the pinned version)"
         if self.state is not SchemaState.INSTALLED:
             lines.append(f"target: pgflow {self.target_version}")
-        if self.pending:
-            span = (
-                self.pending[0]
-                if len(self.pending) == 1
-                else f"{self.pending[0]} .. {self.pending[-1]}"
-            )
-            lines.append(f"pending migrations: {len(self.pending)} ({span})")
+        pending = [name for name in self.pending if name != PUBLISHER_UPDATE]
+        if pending:
+            span = pending[0] if len(pending) == 1 else f"{pending[0]} .. {pending[-1]}"
+            lines.append(f"pending migrations: {len(pending)} ({span})")
         lines.append(f"pgmq: {self.pgmq}")
         lines.append(f"realtime.send: {self.realtime_send}")
         return lines
@@ -185,20 +190,32 @@ def _pgmq_description(probe: _Probe) -> str:
     return "missing"
 
 
+def _publisher_description(probe: _Probe) -> str:
+    comment = probe.realtime_send_comment or ""
+    if not probe.has_realtime_send:
+        return "missing"
+    if not comment.startswith(_OUR_PUBLISHER_MARK):
+        return "external"  # e.g. Supabase Realtime's: never ours to change
+    found = _PUBLISHER_VERSION_RE.match(comment)
+    # the first publisher's comment had no version; a newer one is left as it is
+    if (int(found.group(1)) if found else 1) < _PUBLISHER_VERSION:
+        return "pgflow-sa (outdated)"
+    return "pgflow-sa"
+
+
 def _status(conn: Connection, version: str) -> tuple[SchemaStatus, _Probe, set[str]]:
     probe = _probe(conn)
     wanted = migrations(version)
     recorded = _recorded(conn, probe) if probe.has_pgflow else set()
-    if not probe.has_realtime_send:
-        realtime = "missing"
-    elif (probe.realtime_send_comment or "").startswith(_OUR_PUBLISHER_MARK):
-        realtime = "pgflow-sa"
-    else:
-        realtime = "external"
+    realtime = _publisher_description(probe)
 
     def status(
         state: SchemaState, installed: str | None, managed: str | None, pending: tuple[str, ...]
     ) -> SchemaStatus:
+        if realtime == "pgflow-sa (outdated)":
+            pending = (PUBLISHER_UPDATE, *pending)
+            if state is SchemaState.INSTALLED:
+                state = SchemaState.OUTDATED
         return SchemaStatus(
             state, version, installed, managed, pending, _pgmq_description(probe), realtime
         )
@@ -288,12 +305,20 @@ def _install_pgmq(conn: Connection, probe: _Probe, actions: list[str]) -> bool:
     return True
 
 
-def _install_realtime_send(conn: Connection, probe: _Probe, actions: list[str]) -> None:
-    if probe.has_realtime_send:
+def _install_realtime_send(conn: Connection, publisher: str, actions: list[str]) -> None:
+    """Create our publisher where there is none, replace ours where it is outdated, and
+    leave any other realtime.send (Supabase's) alone."""
+    if publisher not in ("missing", "pgflow-sa (outdated)"):
         return
     sql = resources.files(__package__).joinpath("sql/realtime_send.sql").read_text("utf-8")
-    _run_script(conn, sql)
-    actions.append(f"realtime.send: installed pg_notify publisher (channel {NOTIFY_CHANNEL!r})")
+    _run_script(conn, sql)  # CREATE OR REPLACE: keeps the function's owner and grants
+    if publisher == "missing":
+        actions.append(f"realtime.send: installed pg_notify publisher (channel {NOTIFY_CHANNEL!r})")
+    else:
+        actions.append(
+            "realtime.send: updated pg_notify publisher "
+            "(hints only unless pgflow_sa.notify = 'full')"
+        )
 
 
 def _apply(conn: Connection, migration: Migration, skip_create_pgmq: bool) -> None:
@@ -316,30 +341,35 @@ def install(
 ) -> InstallReport:
     """Install or upgrade pgflow in the connection's current transaction.
 
-    ``upto`` stops after the named migration (e.g. to stage an upgrade). A pgflow
-    schema installed by another tool is detected and left as it is.
+    ``upto`` stops after the named migration (e.g. to stage an upgrade), or, when it
+    is ``PUBLISHER_UPDATE``, after pgmq and realtime.send. A pgflow schema installed
+    by another tool is detected and left as it is (an outdated realtime.send of
+    pgflow-sa's beside it is still replaced).
     """
     wanted = migrations(version)
-    if upto is not None and upto not in {m.name for m in wanted}:
+    if upto is not None and upto != PUBLISHER_UPDATE and upto not in {m.name for m in wanted}:
         raise InstallError(f"unknown pgflow migration {upto!r} for pgflow {version}")
     conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": INSTALL_LOCK_KEY})
     before, probe, recorded = _status(conn, version)
     actions: list[str] = []
     if before.managed_by == "external":
-        if before.state is SchemaState.OUTDATED:
+        if before.installed_version is None:  # another tool's pgflow, older than ours
             raise InstallError(
                 "this database has a pgflow schema that another tool installed and that is "
                 f"older than pgflow {version}; pgflow-sa does not change a schema it did not "
                 "install: upgrade it with the tool that installed it"
             )
-        return InstallReport(before, before, actions)
+        if before.realtime_send == "pgflow-sa (outdated)":  # ours, unlike the schema
+            _install_realtime_send(conn, before.realtime_send, actions)
+        after = _status(conn, version)[0] if actions else before
+        return InstallReport(before, after, actions)
     if not probe.has_plpgsql:
         raise InstallError(
             "PL/pgSQL is not available in this database and pgflow's functions are written "
             "in it: run CREATE EXTENSION plpgsql (as the database owner), then install again"
         )
     skip_create_pgmq = _install_pgmq(conn, probe, actions)
-    _install_realtime_send(conn, probe, actions)
+    _install_realtime_send(conn, before.realtime_send, actions)
     conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {PGFLOW_SA_SCHEMA}")
     conn.exec_driver_sql(
         f"CREATE TABLE IF NOT EXISTS {PGFLOW_SA_SCHEMA}.schema_migrations ("
@@ -351,7 +381,7 @@ def install(
         # the pgflow schema was dropped by hand: forget what was recorded
         conn.exec_driver_sql(f"DELETE FROM {PGFLOW_SA_SCHEMA}.schema_migrations")
     applied = []
-    for migration in wanted:
+    for migration in () if upto == PUBLISHER_UPDATE else wanted:
         if migration.name not in recorded:
             _apply(conn, migration, skip_create_pgmq)
             applied.append(migration.name)

@@ -11,7 +11,6 @@ from sqlalchemy import and_, select, text, tuple_
 from sqlalchemy.sql import Select, TextClause
 
 from . import tables
-from .installer import REALTIME_SEND
 from .names import NOTIFY_CHANNEL
 
 runs, step_states, step_tasks, steps = (
@@ -105,10 +104,14 @@ def step_statuses(run_ids: Sequence[uuid.UUID]) -> Select[Any]:
 def notifications_enabled() -> TextClause:
     """True when pgflow-sa's pg_notify publisher is installed and not turned off for
     this session's database and role."""
+    # from the catalogs, which every role may read (to_regprocedure needs USAGE on
+    # schema realtime, which a role that only reads runs may not have)
     return text(
-        "SELECT coalesce(obj_description(to_regprocedure(:send_signature), 'pg_proc') LIKE 'pgflow-sa:%', false)"
+        "SELECT coalesce((SELECT bool_or(obj_description(p.oid, 'pg_proc') LIKE 'pgflow-sa:%')"
+        " FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace"
+        " WHERE n.nspname = 'realtime' AND p.proname = 'send'), false)"
         " AND coalesce(current_setting('pgflow_sa.notify', true), '') <> 'off'"
-    ).bindparams(send_signature=REALTIME_SEND)
+    )
 
 
 def flow_status(window_seconds: int, live_seconds: int) -> TextClause:

@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import make_url
 
-from ..config import to_sqlalchemy_url
+from ..config import async_engine_from_url, to_sqlalchemy_url
 from ..embedded import EmbeddedServer
 from ..registry import FlowRegistry
 from ..schema import install_schema
@@ -161,9 +161,7 @@ else:
 
     @pytest_asyncio.fixture
     async def pgflow_engine(pgflow_database_url: str) -> AsyncIterator[Any]:
-        from sqlalchemy.ext.asyncio import create_async_engine
-
-        engine = create_async_engine(to_sqlalchemy_url(pgflow_database_url, "asyncpg"))
+        engine = async_engine_from_url(pgflow_database_url)
         yield engine
         await engine.dispose()
 

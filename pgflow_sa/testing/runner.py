@@ -10,11 +10,11 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, func, select
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from ..client import get_run_async, start_flow_async
-from ..config import to_sqlalchemy_url
+from ..config import async_engine_from_url, to_sqlalchemy_url
 from ..dsl import Flow
 from ..exceptions import PgflowSaError
 from ..models import Run
@@ -79,7 +79,7 @@ def _async_engine(target: AsyncEngine | Engine | str | URL) -> AsyncEngine:
     if isinstance(target, AsyncEngine):
         return target
     url = target.url if isinstance(target, Engine) else target
-    return create_async_engine(to_sqlalchemy_url(url, "asyncpg"))
+    return async_engine_from_url(url)
 
 
 class _Sessions:

@@ -14,11 +14,11 @@ from collections.abc import Awaitable, Callable
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .. import events
+from .._backoff import Backoff
 from .._db import DB_ERRORS, ErrorKind, classify, first_line, sqlstate
 from ..dsl import Flow
 from ..schema import worker_queries
 from ..schema.rows import StepTaskRecord
-from .backoff import Backoff
 from .settings import WorkerSettings
 from .task import ClaimedTask
 

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .. import events
+from .._backoff import Backoff
 from .._db import DB_ERRORS, ErrorKind, classify, first_line, sqlstate
 from ..config import mask_password
 from ..exceptions import PgflowSaError
@@ -23,7 +24,6 @@ from ..schema import worker_queries
 from ..schema.shapes import read_flow_shape_async
 from ..schema.worker_queries import Fence
 from ..shape import diff_shapes
-from .backoff import Backoff
 from .settings import WorkerSettings
 from .task import TaskKey
 

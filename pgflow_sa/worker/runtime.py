@@ -18,15 +18,15 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from .. import events
-from ..config import to_sqlalchemy_url
+from .._backoff import Backoff
+from ..config import async_engine_from_url, to_sqlalchemy_url
 from ..dsl import Flow
 from ..exceptions import ConfigurationError
 from ..registry import FlowRegistry
-from .backoff import Backoff
 from .claim import Budget, Poller
 from .execute import FlowInputs, Sessions, TaskRunner
 from .lifecycle import Lifecycle, WorkerStartupError, keep_trying
@@ -98,9 +98,10 @@ class Worker:
 
     def _worker_engine(self, url: str | URL, size: int, overflow: int) -> AsyncEngine:
         """An asyncpg engine of the worker's own, with the plan cache mode and the
-        connection lifetime of the settings."""
-        return create_async_engine(
-            to_sqlalchemy_url(url, "asyncpg"),
+        connection lifetime of the settings. The URL's ``application_name`` and
+        ``connect_timeout``, when it has them, win over the worker's."""
+        return async_engine_from_url(
+            url,
             pool_size=size,
             max_overflow=overflow,
             pool_recycle=self.settings.connection_lifetime or -1,
@@ -133,6 +134,7 @@ class Worker:
                 pool_size=slots,
                 max_overflow=slots,
                 pool_recycle=self.settings.connection_lifetime or -1,
+                connect_args={"fallback_application_name": APPLICATION_NAME},
             )
             self._own_engines.append(self._sync_engine)
         return self._sync_engine
@@ -217,7 +219,7 @@ class Worker:
             }
             background = [
                 asyncio.create_task(supervise("completion", batcher.run)),
-                asyncio.create_task(supervise("heartbeat", lambda: self._heartbeats(listener))),
+                asyncio.create_task(supervise("heartbeat", self._heartbeats)),
             ]
             recovery = asyncio.create_task(supervise("recovery", self._recovery))
             pollers = [
@@ -303,7 +305,7 @@ class Worker:
 
     # --- background loops --------------------------------------------------------
 
-    async def _heartbeats(self, listener: Listener) -> None:
+    async def _heartbeats(self) -> None:
         assert self._stopping is not None
         stopping = self._stopping
 
@@ -317,8 +319,6 @@ class Worker:
                     poller.wake.set()
             if self._pollers and all(p.deprecated for p in self._pollers.values()):
                 stopping.set()
-            if self.settings.use_notifications:
-                await listener.ensure()
 
         await keep_trying(
             "heartbeat", beat, self.settings.heartbeat_interval, Backoff(self.settings.max_backoff)

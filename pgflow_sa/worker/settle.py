@@ -14,13 +14,18 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .. import events
+from .._backoff import Backoff
 from .._db import DB_ERRORS, ErrorKind, classify, first_line
 from ..schema import worker_queries
-from .backoff import Backoff
 from .handlers import storable
 from .task import ClaimedTask, TaskKey, TaskState
 
 logger = logging.getLogger("pgflow_sa.worker")
+
+#: seconds before a task whose failure pgflow refused to store is offered again: a
+#: refusal of both its error and the short message saying so is a lack of privileges
+#: or a constraint, which a retry right away would only meet again
+REFUSED_FAIL_DELAY = 60
 
 
 class _Refused(Exception):
@@ -74,14 +79,14 @@ class Settler:
         self.completed += sum(1 for t, _ in items if t.key in done)
 
     async def fail(self, items: Sequence[tuple[ClaimedTask, str]]) -> None:
-        """Fail tasks (pgflow retries them after its delay, or gives up)."""
+        """Fail tasks (pgflow retries them after its delay, or gives up). A refusal is
+        isolated by failing them one by one; a task whose failure is refused is failed
+        once more with a short message saying so, and handed back for later when that
+        is refused too (the worker's role may not write the task's error at all)."""
         if not items:
             return
-        statement = worker_queries.fail_fenced(
-            [t.fence for t, _ in items], [message for _, message in items]
-        )
         try:
-            done = await self._write(statement, f"failing {len(items)} task(s)")
+            await self._fail(items)
         except _Refused as refused:
             if len(items) > 1:
                 for item in items:
@@ -90,9 +95,26 @@ class Settler:
             task, message = items[0]
             logger.error("pgflow refused to fail %s: %s", task.describe(), refused)
             fallback = f"the error could not be stored ({refused}); it began: {message[:200]!r}"
-            if message != fallback:
-                await self.fail([(task, storable(fallback))])
-            return
+            try:
+                await self._fail([(task, storable(fallback))])
+            except _Refused as again:
+                logger.error(
+                    "pgflow refused to fail %s even with a short message (%s): check that "
+                    "the worker's role may UPDATE pgflow.step_tasks (`pgflow-sa roles` "
+                    "grants it) and that no constraint or trigger added there refuses "
+                    "errors; handing it back, to be run again in %d s",
+                    task.describe(),
+                    again,
+                    REFUSED_FAIL_DELAY,
+                )
+                await self.hand_back([task], REFUSED_FAIL_DELAY)
+
+    async def _fail(self, items: Sequence[tuple[ClaimedTask, str]]) -> None:
+        """One statement failing ``items``; raises _Refused when pgflow refuses it."""
+        statement = worker_queries.fail_fenced(
+            [t.fence for t, _ in items], [message for _, message in items]
+        )
+        done = await self._write(statement, f"failing {len(items)} task(s)")
         if done is None:
             return
         await self._record([t for t, _ in items], done, TaskState.SETTLED)

@@ -1,13 +1,29 @@
 -- pgflow-sa's stand-in for Supabase Realtime's realtime.send on plain PostgreSQL.
 -- It publishes each pgflow event with pg_notify on the "pgflow" channel as
--- {"topic": ..., "event": ..., "payload": ...}. NOTIFY payloads must stay under
--- 8000 bytes, so a larger event is replaced by a trimmed one carrying only its
--- identifiers and status ("trimmed": true); listeners read the rest from the
--- pgflow tables. Setting pgflow_sa.notify = 'off' (per session, role or
--- database) turns publishing off. It never raises on payload size.
+-- {"topic": "pgflow:run:<run_id>", "event": ..., "payload": ...}.
+--
+-- Any role that can connect to the database can LISTEN on any channel: no grant
+-- is needed and none can be revoked. So by default the payload is a hint that
+-- carries only identifiers and status (event_type, run_id, flow_slug, step_slug,
+-- status, task_index, where present), never run input, step output or error
+-- messages; listeners read the rest from the pgflow tables, which need grants.
+--
+-- pgflow_sa.notify (per session, role or database, e.g.
+-- ALTER DATABASE app SET pgflow_sa.notify = 'full') chooses what is published:
+--   'off'   nothing;
+--   'full'  the whole payload, readable by every role that can connect;
+--   other   (unset, '', 'hints', anything else) the hint.
+-- NOTIFY payloads must stay under 8000 bytes: a full payload that would not fit
+-- is replaced by the hint with "trimmed": true, and a hint that would not fit by
+-- the topic and event alone (both cut short) with "trimmed": true. It never
+-- raises on what pgflow passes it.
+--
+-- Installed and replaced by pgflow-sa's installer with CREATE OR REPLACE; the
+-- installer knows its own publisher by the COMMENT ("pgflow-sa: v<N> ...") and
+-- replaces one with a lower version (or none: the first publisher had none).
 CREATE SCHEMA IF NOT EXISTS realtime;
 
-CREATE FUNCTION realtime.send(
+CREATE OR REPLACE FUNCTION realtime.send(
     payload jsonb,
     event text,
     topic text,
@@ -17,38 +33,39 @@ LANGUAGE plpgsql
 SET search_path = ''
 AS $function$
 DECLARE
+    mode text := coalesce(current_setting('pgflow_sa.notify', true), '');
+    hint jsonb;
     message text;
-    small jsonb;
 BEGIN
-    IF coalesce(current_setting('pgflow_sa.notify', true), '') = 'off' THEN
+    IF mode = 'off' THEN
         RETURN;
     END IF;
-    message := jsonb_build_object('topic', topic, 'event', event, 'payload', payload)::text;
-    IF octet_length(message) > 7800 THEN
-        small := jsonb_strip_nulls(jsonb_build_object(
-            'event_type', payload -> 'event_type',
-            'run_id', payload -> 'run_id',
-            'flow_slug', payload -> 'flow_slug',
-            'step_slug', payload -> 'step_slug',
-            'status', payload -> 'status',
-            'task_index', payload -> 'task_index',
-            'remaining_steps', payload -> 'remaining_steps',
-            'remaining_tasks', payload -> 'remaining_tasks',
-            'started_at', payload -> 'started_at',
-            'completed_at', payload -> 'completed_at',
-            'failed_at', payload -> 'failed_at'
-        )) || jsonb_build_object('trimmed', true);
-        message := jsonb_build_object('topic', topic, 'event', event, 'payload', small)::text;
-        IF octet_length(message) > 7800 THEN
-            message := jsonb_build_object(
-                'topic', left(topic, 200), 'event', left(event, 300),
-                'payload', jsonb_build_object('trimmed', true)
-            )::text;
+    IF mode = 'full' THEN
+        message := jsonb_build_object('topic', topic, 'event', event, 'payload', payload)::text;
+        IF octet_length(message) <= 7800 THEN
+            PERFORM pg_notify('pgflow', message);
+            RETURN;
         END IF;
+    END IF;
+    -- only scalar identifiers and status: a key holding anything else is left out
+    SELECT coalesce(jsonb_object_agg(field.key, field.value), '{}'::jsonb)
+      INTO hint
+      FROM jsonb_each(CASE WHEN jsonb_typeof(payload) = 'object' THEN payload END) AS field
+     WHERE field.key IN ('event_type', 'run_id', 'flow_slug', 'step_slug', 'status', 'task_index')
+       AND jsonb_typeof(field.value) IN ('string', 'number');
+    IF mode = 'full' THEN
+        hint := hint || jsonb_build_object('trimmed', true);
+    END IF;
+    message := jsonb_build_object('topic', topic, 'event', event, 'payload', hint)::text;
+    IF octet_length(message) > 7800 THEN
+        message := jsonb_build_object(
+            'topic', left(topic, 200), 'event', left(event, 300),
+            'payload', jsonb_build_object('trimmed', true)
+        )::text;
     END IF;
     PERFORM pg_notify('pgflow', message);
 END;
 $function$;
 
 COMMENT ON FUNCTION realtime.send(jsonb, text, text, boolean)
-    IS 'pgflow-sa: publishes pgflow events with pg_notify on channel "pgflow"';
+    IS 'pgflow-sa: v2 publishes pgflow event hints (ids and status; pgflow_sa.notify = full for whole payloads, off for none) with pg_notify on channel "pgflow"';

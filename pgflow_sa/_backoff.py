@@ -1,4 +1,4 @@
-"""The one retry rhythm of the worker: exponential backoff with jitter, capped."""
+"""The one retry rhythm (worker, listeners, waits): exponential backoff with jitter, capped."""
 
 from __future__ import annotations
 
