@@ -18,7 +18,8 @@ Events (``measurements`` / ``metadata``):
 - ``task.start`` — / flow_slug, step_slug, run_id, task_index, attempt
 - ``task.stop`` — duration_s / same as task.start
 - ``task.exception`` — duration_s / same as task.start, error, kind ("error", "timeout", "output")
-- ``run.completed``, ``run.failed`` — / flow_slug, run_id (seen through notifications)
+- ``run.completed``, ``run.failed`` — / flow_slug, run_id (from notifications, which are
+  hints: any role that can connect can send one, so count them, never act on them)
 - ``tasks.recovered`` — count / flow_slugs (started tasks of workers that are gone, failed)
 - ``tasks.handed_back`` — count / worker_id (unfinished at shutdown, returned to the queue)
 - ``task.lost`` — / same as task.start (a settle found the task no longer this worker's)
