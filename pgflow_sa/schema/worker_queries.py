@@ -288,16 +288,19 @@ SELECT m.read_count,
        now() AS started_at -- what start_tasks stamped: the transaction's start
 FROM (SELECT count(*) AS read_count FROM msgs) AS m
 LEFT JOIN (
-    -- The joins below read with the statement's snapshot, taken before pgmq.read and
+    -- The reads below use the statement's snapshot, taken before pgmq.read and
     -- start_tasks ran: they never drop a claimed task (LEFT JOIN), and see the
     -- attempts_count before start_tasks' increment. A task row they cannot see was
-    -- created after the snapshot, so this is its first attempt.
+    -- created after the snapshot, so this is its first attempt. attempts_count is a
+    -- subquery per claimed task, so it is always a primary-key lookup: as a join the
+    -- planner, expecting 1,000 rows from the function scan, hashes the whole
+    -- step_tasks table, and every claim costs O(backlog).
     SELECT c.run_id, c.step_slug, c.input, c.msg_id, c.task_index,
-           coalesce(st.attempts_count, 0) + 1 AS attempt,
+           coalesce((SELECT st.attempts_count FROM pgflow.step_tasks st
+                     WHERE st.run_id = c.run_id AND st.step_slug = c.step_slug
+                       AND st.task_index = c.task_index), 0) + 1 AS attempt,
            coalesce(s.opt_timeout, f.opt_timeout) AS timeout
     FROM claimed c
-    LEFT JOIN pgflow.step_tasks st
-      ON st.run_id = c.run_id AND st.step_slug = c.step_slug AND st.task_index = c.task_index
     LEFT JOIN pgflow.steps s ON s.flow_slug = :queue AND s.step_slug = c.step_slug
     LEFT JOIN pgflow.flows f ON f.flow_slug = :queue
 ) AS x ON true
