@@ -123,7 +123,9 @@ class ListenConnection:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(_first(lost, self._stopping), PING_INTERVAL)
                 if not lost.is_set() and not self._stopping.is_set():
-                    await asyncio.wait_for(conn.exec_driver_sql("SELECT 1"), CONNECT_TIMEOUT)
+                    # on the driver's connection: through SQLAlchemy it would open a
+                    # transaction, which holds back vacuum and defers notifications
+                    await asyncio.wait_for(raw.execute("SELECT 1"), CONNECT_TIMEOUT)
             if lost.is_set():
                 logger.warning("%s: the connection was lost; reconnecting", self._name)
         finally:

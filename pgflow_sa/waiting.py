@@ -55,7 +55,7 @@ def parse_notification(text: str) -> RunEvent | None:
         message = json.loads(text)
         topic = message["topic"]
         event = message["event"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # anyone can NOTIFY anything
         return None
     if not isinstance(topic, str) or not topic.startswith(_TOPIC_PREFIX):
         return None

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import logging
 import threading
 import time
 import uuid
@@ -299,3 +300,56 @@ def test_300_sync_waits_reuse_one_engine(db_url: str) -> None:
         assert _connections(db_url) <= 3
     finally:
         sync_engine.dispose()
+
+
+async def test_the_listening_connection_never_sits_in_a_transaction(
+    db_url: str, other: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its pings leave no transaction open (one would hold back vacuum, and a session
+    in a transaction gets no notifications until it ends), and notifications keep
+    waking waits after several pings."""
+    from pgflow_sa import _listen
+
+    monkeypatch.setattr(_listen, "PING_INTERVAL", 0.1)
+    waiter = _engine(db_url)
+    try:
+        run_id = await _start(other)
+        waiting = asyncio.create_task(wait_for_run_async(waiter, run_id, timeout=30))
+        watcher = watcher_for(waiter)
+        watcher.safety_interval = 120  # only a notification can wake the wait
+        await _until(lambda: watcher.mode == "notify")
+        await asyncio.sleep(0.5)  # several pings
+        with psycopg.connect(db_url, autocommit=True) as admin:
+            states = admin.execute(
+                "SELECT state FROM pg_stat_activity WHERE datname = current_database()"
+                " AND query = 'SELECT 1'"
+            ).fetchall()
+        assert states == [("idle",)]
+        began = time.monotonic()
+        async with _driving(other):
+            run = await waiting
+        assert run.status is RunStatus.COMPLETED
+        assert time.monotonic() - began < 5 and watcher.polls == 0
+    finally:
+        await waiter.dispose()
+
+
+async def test_malformed_notifications_are_ignored_quietly(
+    db_url: str, other: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_id = await _start(other)
+    waiter = _engine(db_url)
+    try:
+        waiting = asyncio.create_task(wait_for_run_async(waiter, run_id, timeout=30))
+        watcher = watcher_for(waiter)
+        await _until(lambda: watcher.mode == "notify")
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            for payload in ("[" * 3000 + "]" * 3000, "not json", '{"topic": 1}', "null"):
+                conn.execute("SELECT pg_notify('pgflow', %s)", [payload])
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        async with _driving(other):
+            assert (await waiting).status is RunStatus.COMPLETED
+    finally:
+        await waiter.dispose()
