@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+
 import nox
 
 nox.options.sessions = ["lint", "typecheck", "tests"]
@@ -26,7 +28,21 @@ def alembic_compat(session: nox.Session, alembic: str) -> None:
     """The Alembic integration on the oldest supported and the newest Alembic."""
     session.install("-e", ".[dev]")
     session.install("alembic" if alembic == "latest" else f"alembic=={alembic}")
-    session.run("pytest", "tests/test_alembic.py", "tests/test_tables.py")
+    session.run("pytest", *glob.glob("tests/test_alembic*.py"), "tests/test_tables.py")
+
+
+@nox.session
+def oldest(session: nox.Session) -> None:
+    """The oldest Alembic and SQLAlchemy pyproject allows: the Alembic integration,
+    starting runs, reading and waiting (as .ci/run does)."""
+    session.install("-e", ".[dev]", "alembic==1.13.3", "sqlalchemy[asyncio]==2.0.30")
+    session.run(
+        "pytest",
+        *glob.glob("tests/test_alembic*.py"),
+        "tests/test_client_start.py",
+        "tests/test_client_read.py",
+        "tests/test_waiting.py",
+    )
 
 
 @nox.session

@@ -14,7 +14,13 @@ Importing this package registers the comparator, operations and renderers
 from __future__ import annotations
 
 from . import render as _render  # noqa: F401  (registers the renderers)
-from .comparator import FlowStructureChangedError, compare_pgflow, register_flows
+from .comparator import (
+    PGFLOW_SCHEMAS,
+    FlowStructureChangedError,
+    compare_pgflow,
+    include_name,
+    register_flows,
+)
 from .ops import (
     CreateFlowOp,
     DropFlowOp,
@@ -26,6 +32,7 @@ from .ops import (
 )
 
 __all__ = [
+    "PGFLOW_SCHEMAS",
     "CreateFlowOp",
     "DropFlowOp",
     "FlowStructureChangedError",
@@ -35,5 +42,6 @@ __all__ = [
     "UninstallPgflowOp",
     "UpgradePgflowOp",
     "compare_pgflow",
+    "include_name",
     "register_flows",
 ]

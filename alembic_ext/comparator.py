@@ -2,22 +2,39 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from alembic.autogenerate import comparators
 from alembic.autogenerate.api import AutogenContext
 from alembic.operations.ops import UpgradeOps
+from alembic.util import CommandError
 
 from pgflow_sa import Flow, FlowRegistry, PgflowSaError, compile_flow, diff_shapes
 from pgflow_sa.compiler import compile_shape
 from pgflow_sa.schema import LATEST_VERSION, SchemaState, check, list_flow_slugs, read_flow_shape
+from pgflow_sa.schema.installer import PGMQ_MIN_VERSION, _version_tuple
 
-from .ops import CreateFlowOp, DropFlowOp, InstallPgflowOp, SetFlowOptionOp, UpgradePgflowOp
+from .ops import (
+    CreateFlowOp,
+    DropFlowOp,
+    InstallPgflowOp,
+    PgmqSource,
+    SetFlowOptionOp,
+    UpgradePgflowOp,
+)
+
+# Alembic's own "Detected added table ..." lines come from this logger
+log = logging.getLogger("alembic.autogenerate.compare")
 
 
-class FlowStructureChangedError(PgflowSaError):
-    """A flow's steps changed in code; pgflow flows cannot change shape in place."""
+class FlowStructureChangedError(PgflowSaError, CommandError):
+    """A flow's steps changed in code; pgflow flows cannot change shape in place.
+
+    An Alembic ``CommandError``: the ``alembic`` command prints it as one ``FAILED:``
+    line, without a traceback."""
 
 
 @dataclass
@@ -64,6 +81,17 @@ def _structure_error(slug: str, lines: list[str]) -> FlowStructureChangedError:
 
 _TYPE = "pgflow_flow"  # the object type include_name / include_object hooks receive
 
+#: The schemas pgflow-sa installs or uses (Supabase has its own ``realtime``).
+PGFLOW_SCHEMAS = frozenset({"pgflow", "pgflow_sa", "pgmq", "realtime"})
+
+
+def include_name(name: str | None, type_: str, parent_names: Mapping[str, str | None]) -> bool:
+    """An ``include_name`` hook for env.py that leaves :data:`PGFLOW_SCHEMAS` out of
+    Alembic's own comparison. Needed with ``include_schemas=True``: Alembic would
+    otherwise find pgflow's and pgmq's tables missing from the app's metadata and
+    write drops for them. pgflow flows are compared all the same."""
+    return not (type_ == "schema" and name in PGFLOW_SCHEMAS)
+
 
 def _include_name(autogen_context: AutogenContext, slug: str) -> bool:
     # Alembic types these hooks for its own object kinds; pgflow flows are another
@@ -72,6 +100,21 @@ def _include_name(autogen_context: AutogenContext, slug: str) -> bool:
 
 def _include_object(autogen_context: AutogenContext, flow: Flow, reflected: bool) -> bool:
     return autogen_context.run_object_filters(flow, flow.slug, _TYPE, reflected, None)  # type: ignore[arg-type]
+
+
+def _pgmq_source(described: str) -> PgmqSource | None:
+    """How the install op gets pgmq, from ``SchemaStatus.pgmq``: the extension where
+    the server offers pgmq >= 1.5, else the SQL-only pgmq; None where pgmq is there."""
+    if not described.startswith("missing"):
+        return None
+    available = described.removeprefix("missing (available as extension ").rstrip(")")
+    if available != described and _version_tuple(available) >= PGMQ_MIN_VERSION:
+        return "extension"
+    return "sql"
+
+
+def _detected(message: str, *args: object) -> None:
+    log.info("Detected " + message, *args)
 
 
 # Registered under the default qualifier, checking the dialect itself: on Alembic
@@ -89,18 +132,31 @@ def compare_pgflow(autogen_context: AutogenContext, upgrade_ops: UpgradeOps, sch
     if not installed:
         if not _registration.install_schema:
             return
-        ops.append(
-            InstallPgflowOp(
-                LATEST_VERSION,
-                pgmq=status.pgmq.startswith("missing"),
-                realtime_send=status.realtime_send == "missing",
-            )
+        install = InstallPgflowOp(
+            LATEST_VERSION,
+            pgmq=_pgmq_source(status.pgmq),
+            realtime_send=status.realtime_send == "missing",
         )
+        extras = [
+            {None: "", "extension": "the pgmq extension", "sql": "the SQL-only pgmq"}[install.pgmq],
+            "pgflow-sa's realtime.send" if install.realtime_send else "",
+        ]
+        extra = " and ".join(e for e in extras if e)
+        _detected(
+            "pgflow install (pgflow %s)%s", install.version, f" with {extra}" if extra else ""
+        )
+        ops.append(install)
     elif (
         status.state is SchemaState.OUTDATED
         and status.managed_by == "pgflow-sa"  # another tool's schema is that tool's to upgrade
         and _registration.install_schema
     ):
+        _detected(
+            "pgflow upgrade (pgflow %s -> %s, %d pending)",
+            status.installed_version or "older",
+            LATEST_VERSION,
+            len(status.pending),
+        )
         ops.append(
             UpgradePgflowOp(
                 LATEST_VERSION, previous=status.installed_version, migrations=status.pending
@@ -113,16 +169,32 @@ def compare_pgflow(autogen_context: AutogenContext, upgrade_ops: UpgradeOps, sch
         if not _include_object(autogen_context, flow, stored is not None):
             continue
         if stored is None:
+            _detected("added pgflow flow %r", flow.slug)
             ops.append(CreateFlowOp(flow.slug, compile_flow(flow)))
             continue
         diff = diff_shapes(flow.shape(), stored)
         if diff.structural:
             if flow.slug not in _registration.recreate:
                 raise _structure_error(flow.slug, list(diff.structural))
-            ops.append(DropFlowOp(flow.slug, compile_shape(stored)))
+            # recreate= is the opt-in to deleting the runs, written into the migration
+            _detected(
+                "removed pgflow flow %r (to recreate it: %s)",
+                flow.slug,
+                "; ".join(diff.structural),
+            )
+            ops.append(DropFlowOp(flow.slug, compile_shape(stored), delete_runs=True))
+            _detected("added pgflow flow %r", flow.slug)
             ops.append(CreateFlowOp(flow.slug, compile_flow(flow)))
             continue
         for change in diff.options:
+            _detected(
+                "changed option %s of %spgflow flow %r: %r -> %r",
+                change.option,
+                f"step {change.step!r} of " if change.step else "",
+                flow.slug,
+                change.database,
+                change.code,
+            )
             ops.append(
                 SetFlowOptionOp(flow.slug, change.step, change.option, change.code, change.database)
             )
@@ -132,5 +204,7 @@ def compare_pgflow(autogen_context: AutogenContext, upgrade_ops: UpgradeOps, sch
                 continue
             stored = read_flow_shape(conn, slug)
             assert stored is not None
-            ops.append(DropFlowOp(slug, compile_shape(stored)))
+            # drop_unregistered= is the opt-in to deleting the runs
+            _detected("removed pgflow flow %r (not registered)", slug)
+            ops.append(DropFlowOp(slug, compile_shape(stored), delete_runs=True))
     upgrade_ops.ops.extend(ops)

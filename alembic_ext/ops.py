@@ -2,19 +2,26 @@
 
 Each has ``reverse()`` (downgrades) and ``to_diff_tuple()`` (``alembic check``).
 Migrations call them as ``op.invoke(pgflow_ops.CreateFlowOp(...))``, which keeps
-them type-checkable.
+them type-checkable. Every operation is SQL text decided when the migration is
+written (nothing is probed when it runs), sent as it is to the database online and
+written out as it is offline (``alembic upgrade --sql``): both give the same schema.
+Checks that guard data (runs of a dropped flow, objects depending on pgflow) are in
+that SQL, so they hold offline too.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Literal
 
 from alembic.operations import MigrateOperation, Operations
+from alembic.util import CommandError
 
+from pgflow_sa.exceptions import InstallError
 from pgflow_sa.schema import installer
-from pgflow_sa.schema.deploy import drop_flow, run_compiled
-from pgflow_sa.schema.uninstall import uninstall
+from pgflow_sa.schema.deploy import drop_flow_script, set_option_sql
+from pgflow_sa.schema.uninstall import uninstall_script
 
 # a child of "alembic", so that the logging set up by alembic.ini shows it
 logger = logging.getLogger("alembic.pgflow")
@@ -26,14 +33,37 @@ _OPTION_COLUMNS = {
     "start_delay": "opt_start_delay",
 }
 
+PgmqSource = Literal["extension", "sql"]
+
+
+def _pgmq_source(pgmq: PgmqSource | bool | None) -> PgmqSource | None:
+    # migrations written by earlier versions say pgmq=True / False
+    if pgmq is True:
+        return "extension"
+    if pgmq is False or pgmq is None:
+        return None
+    if pgmq not in ("extension", "sql"):
+        raise ValueError(f"pgmq must be 'extension', 'sql' or None, not {pgmq!r}")
+    return pgmq
+
 
 class InstallPgflowOp(MigrateOperation):
-    """Install pgmq (when ``pgmq``), realtime.send (when ``realtime_send``) and the
-    pgflow schema ``version``; reversed by dropping what it installed."""
+    """Install pgmq (``pgmq``: ``"extension"``, ``"sql"`` for the SQL-only pgmq of the
+    ``pgmq`` Python package, or None where pgmq is there), pgflow-sa's realtime.send
+    (when ``realtime_send``, where no realtime.send exists) and the pgflow schema
+    ``version``, recorded as ``pgflow-sa install`` records it; reversed by dropping
+    what it installed. ``pgmq=True`` / ``False``, as migrations written by earlier
+    versions say, mean ``"extension"`` / None."""
 
-    def __init__(self, version: str, *, pgmq: bool = True, realtime_send: bool = True) -> None:
+    def __init__(
+        self,
+        version: str,
+        *,
+        pgmq: PgmqSource | bool | None = None,
+        realtime_send: bool = True,
+    ) -> None:
         self.version = version
-        self.pgmq = pgmq
+        self.pgmq = _pgmq_source(pgmq)
         self.realtime_send = realtime_send
 
     def reverse(self) -> UninstallPgflowOp:
@@ -42,21 +72,43 @@ class InstallPgflowOp(MigrateOperation):
     def to_diff_tuple(self) -> tuple[Any, ...]:
         return ("install_pgflow", self.version)
 
+    def scripts(self) -> list[str]:
+        return installer.install_script(
+            self.version, pgmq=self.pgmq, realtime_send=self.realtime_send
+        )
+
 
 class UninstallPgflowOp(MigrateOperation):
     """Drop the pgflow schema (all flows and runs), and pgmq / realtime.send when
-    ``pgmq`` / ``realtime_send`` say the matching install created them."""
+    ``pgmq`` / ``realtime_send`` say the matching install created them. Refuses while
+    objects outside pgflow depend on it (an app's foreign key to pgflow.runs, a view
+    over it), naming them, unless ``cascade`` (which drops those objects too)."""
 
-    def __init__(self, version: str, *, pgmq: bool = True, realtime_send: bool = True) -> None:
+    def __init__(
+        self,
+        version: str,
+        *,
+        pgmq: PgmqSource | bool | None = None,
+        realtime_send: bool = True,
+        cascade: bool = False,
+    ) -> None:
         self.version = version
-        self.pgmq = pgmq
+        self.pgmq = _pgmq_source(pgmq)
         self.realtime_send = realtime_send
+        self.cascade = cascade
 
     def reverse(self) -> InstallPgflowOp:
         return InstallPgflowOp(self.version, pgmq=self.pgmq, realtime_send=self.realtime_send)
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
         return ("uninstall_pgflow", self.version)
+
+    def scripts(self) -> list[str]:
+        return [
+            uninstall_script(
+                pgmq=self.pgmq is not None, realtime_send=self.realtime_send, cascade=self.cascade
+            )
+        ]
 
 
 class UpgradePgflowOp(MigrateOperation):
@@ -78,6 +130,15 @@ class UpgradePgflowOp(MigrateOperation):
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
         return ("upgrade_pgflow", self.previous, self.version, tuple(self.migrations))
+
+    def scripts(self) -> list[str]:
+        # the listed migrations start with PUBLISHER_UPDATE when our realtime.send is outdated
+        return installer.install_script(
+            self.version,
+            pgmq=None,
+            realtime_send=installer.PUBLISHER_UPDATE in self.migrations,
+            only=[name for name in self.migrations if name != installer.PUBLISHER_UPDATE],
+        )
 
 
 class KeepPgflowSchemaOp(MigrateOperation):
@@ -111,19 +172,27 @@ class CreateFlowOp(MigrateOperation):
     def to_diff_tuple(self) -> tuple[Any, ...]:
         return ("create_flow", self.flow_slug)
 
+    def scripts(self) -> list[str]:
+        return ["\n".join(self.statements)]
+
 
 class DropFlowOp(MigrateOperation):
-    """Delete a flow with its runs and queue; ``statements`` recreate it on reverse."""
+    """Delete a flow with its queue; ``statements`` recreate it on reverse. Refuses
+    while the flow has runs, unless ``delete_runs`` (which deletes them)."""
 
-    def __init__(self, flow_slug: str, statements: list[str]) -> None:
+    def __init__(self, flow_slug: str, statements: list[str], *, delete_runs: bool = False) -> None:
         self.flow_slug = flow_slug
         self.statements = list(statements)
+        self.delete_runs = delete_runs
 
     def reverse(self) -> CreateFlowOp:
         return CreateFlowOp(self.flow_slug, self.statements)
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
         return ("drop_flow", self.flow_slug)
+
+    def scripts(self) -> list[str]:
+        return [drop_flow_script(self.flow_slug, delete_runs=self.delete_runs)]
 
 
 class SetFlowOptionOp(MigrateOperation):
@@ -150,6 +219,10 @@ class SetFlowOptionOp(MigrateOperation):
             self.flow_slug, self.step_slug, self.option, self.previous, self.value
         )
 
+    def scripts(self) -> list[str]:
+        column = _OPTION_COLUMNS[self.option]
+        return [set_option_sql(self.flow_slug, self.step_slug, column, self.value)]
+
     def to_diff_tuple(self) -> tuple[Any, ...]:
         return (
             "set_flow_option",
@@ -161,49 +234,50 @@ class SetFlowOptionOp(MigrateOperation):
         )
 
 
-@Operations.implementation_for(InstallPgflowOp)
-def _install(operations: Operations, operation: InstallPgflowOp) -> None:
-    installer.install(operations.get_bind(), operation.version)
+def run_scripts(operations: Operations, scripts: Iterable[str]) -> None:
+    """Send each script as it is: to the database online, to the output offline
+    (``--sql``). A refusal raised by a script (a PL/pgSQL RAISE EXCEPTION) becomes
+    Alembic's ``FAILED:`` line."""
+    context = operations.migration_context
+    if context.as_sql:
+        for script in scripts:
+            context.impl.static_output(script.strip())
+        return
+    conn = operations.get_bind()
+    for script in scripts:
+        try:
+            installer.run_script(conn, script)
+        except InstallError as exc:
+            raise CommandError(str(exc)) from exc
+        except Exception as exc:
+            if getattr(exc, "sqlstate", None) != "P0001":  # raise_exception
+                raise
+            diag = getattr(exc, "diag", None)  # psycopg; asyncpg has .message
+            message = getattr(diag, "message_primary", None) or getattr(exc, "message", None)
+            raise CommandError(str(message or exc).splitlines()[0]) from exc
 
 
-@Operations.implementation_for(UninstallPgflowOp)
-def _uninstall(operations: Operations, operation: UninstallPgflowOp) -> None:
-    uninstall(operations.get_bind(), pgmq=operation.pgmq, realtime_send=operation.realtime_send)
+def _run(operations: Operations, operation: Any) -> None:
+    run_scripts(operations, operation.scripts())
 
 
-@Operations.implementation_for(UpgradePgflowOp)
-def _upgrade(operations: Operations, operation: UpgradePgflowOp) -> None:
-    installer.install(operations.get_bind(), operation.version, upto=operation.migrations[-1])
+for _op in (
+    InstallPgflowOp,
+    UninstallPgflowOp,
+    UpgradePgflowOp,
+    CreateFlowOp,
+    DropFlowOp,
+    SetFlowOptionOp,
+):
+    Operations.implementation_for(_op)(_run)
 
 
 @Operations.implementation_for(KeepPgflowSchemaOp)
 def _keep(operations: Operations, operation: KeepPgflowSchemaOp) -> None:
-    logger.warning(
-        "pgflow has no down migrations: the pgflow schema stays at %s (%d migration(s) "
-        "of this revision remain applied)",
-        operation.version,
-        len(operation.migrations),
+    message = (
+        f"pgflow has no down migrations: the pgflow schema stays at {operation.version} "
+        f"({len(operation.migrations)} migration(s) of this revision remain applied)"
     )
-
-
-@Operations.implementation_for(CreateFlowOp)
-def _create(operations: Operations, operation: CreateFlowOp) -> None:
-    run_compiled(operations.get_bind(), operation.statements)
-
-
-@Operations.implementation_for(DropFlowOp)
-def _drop(operations: Operations, operation: DropFlowOp) -> None:
-    drop_flow(operations.get_bind(), operation.flow_slug)
-
-
-@Operations.implementation_for(SetFlowOptionOp)
-def _set_option(operations: Operations, operation: SetFlowOptionOp) -> None:
-    from pgflow_sa.schema.deploy import set_option
-
-    set_option(
-        operations.get_bind(),
-        operation.flow_slug,
-        operation.step_slug,
-        _OPTION_COLUMNS[operation.option],
-        operation.value,
-    )
+    logger.warning("%s", message)
+    if operations.migration_context.as_sql:
+        operations.migration_context.impl.static_output(f"-- {message}")

@@ -23,13 +23,20 @@ def _statements(statements: list[str]) -> str:
     return f"[{inner}\n    ]"
 
 
-def _render_schema_op(
-    autogen_context: AutogenContext, op: InstallPgflowOp | UninstallPgflowOp
-) -> str:
+def _render_install(autogen_context: AutogenContext, op: InstallPgflowOp) -> str:
     autogen_context.imports.add(_IMPORT)
     return (
-        f"op.invoke(pgflow_ops.{type(op).__name__}({op.version!r}, pgmq={op.pgmq!r}, "
+        f"op.invoke(pgflow_ops.InstallPgflowOp({op.version!r}, pgmq={op.pgmq!r}, "
         f"realtime_send={op.realtime_send!r}))"
+    )
+
+
+def _render_uninstall(autogen_context: AutogenContext, op: UninstallPgflowOp) -> str:
+    autogen_context.imports.add(_IMPORT)
+    # cascade is always written out: the opt-in is there to be seen and changed
+    return (
+        f"op.invoke(pgflow_ops.UninstallPgflowOp({op.version!r}, pgmq={op.pgmq!r}, "
+        f"realtime_send={op.realtime_send!r}, cascade={op.cascade!r}))"
     )
 
 
@@ -43,20 +50,27 @@ def _render_upgrade(
     )
 
 
-def _render_flow(autogen_context: AutogenContext, op: CreateFlowOp | DropFlowOp) -> str:
+def _render_create(autogen_context: AutogenContext, op: CreateFlowOp) -> str:
     autogen_context.imports.add(_IMPORT)
+    return f"op.invoke(pgflow_ops.CreateFlowOp({op.flow_slug!r}, {_statements(op.statements)}))"
+
+
+def _render_drop(autogen_context: AutogenContext, op: DropFlowOp) -> str:
+    autogen_context.imports.add(_IMPORT)
+    # delete_runs is always written out: the opt-in is there to be seen and changed
     return (
-        f"op.invoke(pgflow_ops.{type(op).__name__}({op.flow_slug!r}, {_statements(op.statements)}))"
+        f"op.invoke(pgflow_ops.DropFlowOp({op.flow_slug!r}, {_statements(op.statements)}, "
+        f"delete_runs={op.delete_runs!r}))"
     )
 
 
-# each pair of an operation and its reverse shares one renderer
-renderers.dispatch_for(InstallPgflowOp)(_render_schema_op)
-renderers.dispatch_for(UninstallPgflowOp)(_render_schema_op)
+renderers.dispatch_for(InstallPgflowOp)(_render_install)
+renderers.dispatch_for(UninstallPgflowOp)(_render_uninstall)
+# an upgrade and its reverse share one renderer
 renderers.dispatch_for(UpgradePgflowOp)(_render_upgrade)
 renderers.dispatch_for(KeepPgflowSchemaOp)(_render_upgrade)
-renderers.dispatch_for(CreateFlowOp)(_render_flow)
-renderers.dispatch_for(DropFlowOp)(_render_flow)
+renderers.dispatch_for(CreateFlowOp)(_render_create)
+renderers.dispatch_for(DropFlowOp)(_render_drop)
 
 
 @renderers.dispatch_for(SetFlowOptionOp)

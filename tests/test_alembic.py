@@ -139,14 +139,18 @@ def _assert_matches(url: str, version: str) -> None:
 
 
 @pytest.mark.parametrize("template", ["generic", "async"])
-def test_autogenerate_round_trip(empty_db_url: str, tmp_path: Path, template: str) -> None:
+def test_autogenerate_round_trip(
+    empty_db_url: str, tmp_path: Path, template: str, server_kind: str
+) -> None:
     project = Project(tmp_path, template, empty_db_url)
 
     first = project.revision("pgflow")
     assert "from alembic_ext import ops as pgflow_ops" in first
     upgrade = _upgrade_part(first)
+    pgmq = "'extension'" if server_kind == "extension" else "'sql'"
     assert (
-        "op.invoke(pgflow_ops.InstallPgflowOp('0.8.1', pgmq=True, realtime_send=True))" in upgrade
+        f"op.invoke(pgflow_ops.InstallPgflowOp('0.8.1', pgmq={pgmq}, realtime_send=True))"
+        in upgrade
     )
     assert "op.invoke(pgflow_ops.CreateFlowOp('orders', [" in upgrade
     assert "\"SELECT pgflow.create_flow('orders', timeout => 30);\"," in upgrade
@@ -154,6 +158,10 @@ def test_autogenerate_round_trip(empty_db_url: str, tmp_path: Path, template: st
     assert "op.create_table('notes'" in upgrade  # the app's own tables are still compared
     downgrade = first.split("def downgrade()", 1)[1]
     assert downgrade.index("DropFlowOp('orders'") < downgrade.index("UninstallPgflowOp")
+    assert "], delete_runs=False))" in downgrade
+    assert f"UninstallPgflowOp('0.8.1', pgmq={pgmq}, realtime_send=True, cascade=False))" in (
+        downgrade
+    )
 
     project.run("upgrade", "head")
     assert check_schema(empty_db_url).state is SchemaState.INSTALLED
@@ -197,6 +205,7 @@ def test_autogenerate_round_trip(empty_db_url: str, tmp_path: Path, template: st
     assert "DropFlowOp('orders'" in third and third.index("DropFlowOp") < third.index(
         "CreateFlowOp"
     )
+    assert "], delete_runs=True))" in third  # the opt-in, written where it is seen
     project.run("upgrade", "head")
     _assert_matches(empty_db_url, "v3")
 

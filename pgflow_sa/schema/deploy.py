@@ -92,6 +92,51 @@ def drop_flow(conn: Connection, flow_slug: str) -> None:
         conn.execute(text(statement), {"slug": flow_slug})
 
 
+def drop_flow_script(flow_slug: str, *, delete_runs: bool) -> str:
+    """:func:`drop_flow` as one SQL script (a DO block, no parameters). Unless
+    ``delete_runs``, it refuses (raises) when the flow has runs."""
+    from .installer import sql_literal
+
+    slug = sql_literal(flow_slug)
+    message = sql_literal(
+        f"pgflow flow {flow_slug.replace('%', '%%')!r} has % run(s), and dropping the flow "
+        "deletes them: keep the flow, or opt in by passing delete_runs=True to this "
+        "DropFlowOp in the migration"
+    )
+    refuse = (
+        ""
+        if delete_runs
+        else f"""
+  SELECT count(*) INTO runs FROM pgflow.runs WHERE flow_slug = {slug};
+  IF runs > 0 THEN
+    RAISE EXCEPTION {message}, runs;
+  END IF;"""
+    )
+    deletes = "".join(f"\n  {s.replace(':slug', slug)};" for s in _DROP_FLOW_SQL[:-1])
+    return f"""DO $pgflow_sa$
+DECLARE
+  runs bigint;
+BEGIN{refuse}{deletes}
+  IF EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = {slug}) THEN
+    PERFORM pgmq.drop_queue({slug});
+  END IF;
+END
+$pgflow_sa$;"""
+
+
+def set_option_sql(flow_slug: str, step_slug: str | None, column: str, value: int | None) -> str:
+    """:func:`set_option` as one SQL statement (no parameters)."""
+    from .installer import sql_literal
+
+    if column not in {"opt_max_attempts", "opt_base_delay", "opt_timeout", "opt_start_delay"}:
+        raise ValueError(f"{column!r} is not a pgflow option column")
+    new = "NULL" if value is None else str(int(value))
+    where = f"flow_slug = {sql_literal(flow_slug)}"
+    if step_slug is None:
+        return f"UPDATE pgflow.flows SET {column} = {new} WHERE {where};"
+    return f"UPDATE pgflow.steps SET {column} = {new} WHERE {where} AND step_slug = {sql_literal(step_slug)};"
+
+
 def run_compiled(conn: Connection, statements: Iterable[str]) -> None:
     """Execute statements from :func:`pgflow_sa.compile_flow` (no parameters)."""
     for statement in statements:

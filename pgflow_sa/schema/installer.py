@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import Literal
 
 import psycopg
 from sqlalchemy import Connection, Engine, text
@@ -310,8 +312,9 @@ def _install_realtime_send(conn: Connection, publisher: str, actions: list[str])
     leave any other realtime.send (Supabase's) alone."""
     if publisher not in ("missing", "pgflow-sa (outdated)"):
         return
-    sql = resources.files(__package__).joinpath("sql/realtime_send.sql").read_text("utf-8")
-    _run_script(conn, sql)  # CREATE OR REPLACE: keeps the function's owner and grants
+    _run_script(
+        conn, realtime_send_sql()
+    )  # CREATE OR REPLACE: keeps the function's owner and grants
     if publisher == "missing":
         actions.append(f"realtime.send: installed pg_notify publisher (channel {NOTIFY_CHANNEL!r})")
     else:
@@ -319,6 +322,11 @@ def _install_realtime_send(conn: Connection, publisher: str, actions: list[str])
             "realtime.send: updated pg_notify publisher "
             "(hints only unless pgflow_sa.notify = 'full')"
         )
+
+
+def realtime_send_sql() -> str:
+    """pgflow-sa's realtime.send publisher (CREATE OR REPLACE)."""
+    return resources.files(__package__).joinpath("sql/realtime_send.sql").read_text("utf-8")
 
 
 def _apply(conn: Connection, migration: Migration, skip_create_pgmq: bool) -> None:
@@ -407,3 +415,166 @@ def check_schema(url: str | URL | Engine, version: str = LATEST_VERSION) -> Sche
     engine = sync_engine(url)
     with database_errors(engine.url, InstallError), engine.connect() as conn:
         return check(conn, version)
+
+
+# --- the install as SQL text, for Alembic's offline mode (and its online mode alike) ---
+
+PgmqSource = Literal["extension", "sql"]
+
+
+def sql_literal(value: str) -> str:
+    """A SQL string literal (standard_conforming_strings on, as since PostgreSQL 9.1)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+_PGMQ_EXTENSION_SCRIPT = """DO $pgflow_sa$
+BEGIN
+  IF to_regclass('pgmq.meta') IS NULL THEN
+    CREATE SCHEMA IF NOT EXISTS "pgmq";
+    CREATE EXTENSION IF NOT EXISTS "pgmq" WITH SCHEMA "pgmq";
+  END IF;
+END
+$pgflow_sa$;"""
+
+_PGMQ_CHECK_SCRIPT = """DO $pgflow_sa$
+BEGIN
+  IF NOT EXISTS (
+    SELECT 1 FROM pg_type t
+    JOIN pg_namespace n ON n.oid = t.typnamespace
+    JOIN pg_attribute a ON a.attrelid = t.typrelid
+    WHERE n.nspname = 'pgmq' AND t.typname = 'message_record'
+      AND a.attname = 'headers' AND a.attnum > 0 AND NOT a.attisdropped
+  ) THEN
+    RAISE EXCEPTION 'pgflow needs pgmq >= 1.5, and this database has %: %',
+      CASE WHEN to_regclass('pgmq.meta') IS NULL THEN 'none' ELSE 'an older one' END,
+      'install or upgrade pgmq (ALTER EXTENSION pgmq UPDATE), then run the migration again';
+  END IF;
+END
+$pgflow_sa$;"""
+
+_NOT_INSTALLED_SCRIPT = """DO $pgflow_sa$
+BEGIN
+  IF to_regclass('pgflow.flows') IS NOT NULL THEN
+    RAISE EXCEPTION '%', 'pgflow is already installed in this database (by pgflow-sa install '
+      || 'or another tool), and this migration installs it from nothing: take its '
+      || 'InstallPgflowOp (and the UninstallPgflowOp of its downgrade) out, or uninstall '
+      || 'pgflow first';
+  END IF;
+END
+$pgflow_sa$;"""
+
+_NOT_APPLIED_SCRIPT = """DO $pgflow_sa$
+DECLARE
+  applied text;
+BEGIN
+  SELECT string_agg(name, ', ' ORDER BY name) INTO applied
+  FROM pgflow_sa.schema_migrations WHERE name IN ({listed});
+  IF applied IS NOT NULL THEN
+    RAISE EXCEPTION '%', 'pgflow migration(s) ' || applied || ' are already applied (by '
+      || 'pgflow-sa install?): take them out of this migration''s UpgradePgflowOp';
+  END IF;
+END
+$pgflow_sa$;"""
+
+# pgflow's first migration creates the pgmq extension: skipped where pgmq is there in
+# any form (SQL-only pgmq has no extension to create)
+_GUARDED_CREATE_PGMQ = (
+    "DO $pgflow_sa$ BEGIN IF to_regclass('pgmq.meta') IS NULL THEN "
+    + _PGFLOW_CREATE_PGMQ
+    + " END IF; END $pgflow_sa$;"
+)
+
+
+def _realtime_send_script() -> str:
+    """Create our publisher where there is no realtime.send, replace ours where it is
+    older, leave any other alone: decided when the script runs."""
+    body = realtime_send_sql()
+    if "$pgflow_sa_publisher$" in body:  # pragma: no cover - the file is ours
+        raise InstallError("sql/realtime_send.sql must not contain $pgflow_sa_publisher$")
+    fn = sql_literal(REALTIME_SEND)
+    return (
+        "DO $pgflow_sa$\n"
+        "DECLARE\n"
+        f"  found_comment text := obj_description(to_regprocedure({fn}), 'pg_proc');\n"
+        "BEGIN\n"
+        f"  IF to_regprocedure({fn}) IS NULL OR (\n"
+        f"    found_comment LIKE '{_OUR_PUBLISHER_MARK}%'\n"
+        "    AND coalesce(substring(found_comment FROM 'pgflow-sa: v([0-9]+)')::int, 1) "
+        f"< {_PUBLISHER_VERSION}\n"
+        "  ) THEN\n"
+        f"    EXECUTE $pgflow_sa_publisher${body}$pgflow_sa_publisher$;\n"
+        "  END IF;\n"
+        "END\n"
+        "$pgflow_sa$;"
+    )
+
+
+def install_script(
+    version: str = LATEST_VERSION,
+    *,
+    pgmq: PgmqSource | None,
+    realtime_send: bool,
+    only: Sequence[str] | None = None,
+) -> list[str]:
+    """The install as SQL scripts, run in order in one transaction, with nothing probed
+    beforehand (Alembic's offline mode has no database): what ``install`` would do to
+    the database state described by the arguments.
+
+    ``pgmq``: ``"extension"`` (CREATE EXTENSION pgmq), ``"sql"`` (the SQL-only pgmq of
+    the ``pgmq`` Python package), None (pgmq is there); either way, pgmq >= 1.5 is
+    checked when the scripts run. ``realtime_send``: add our publisher where there is
+    no realtime.send, and replace an older one of ours. ``only``: the migrations to
+    apply (names, in order; default all of ``version``), each recorded in
+    ``pgflow_sa.schema_migrations`` as ``install`` does. The scripts contain neither
+    parameters nor psql commands: send each one as it is.
+    """
+    wanted = {m.name: m for m in migrations(version)}
+    chosen = list(wanted) if only is None else list(only)
+    unknown = [name for name in chosen if name not in wanted]
+    if unknown:
+        raise InstallError(f"unknown pgflow migration(s) for pgflow {version}: {unknown}")
+    scripts = [f"SELECT pg_advisory_xact_lock({INSTALL_LOCK_KEY});"]
+    if only is None:
+        # a whole install onto an installed pgflow would fail half-way: say why instead
+        scripts.append(_NOT_INSTALLED_SCRIPT)
+    if pgmq == "extension":
+        scripts.append(_PGMQ_EXTENSION_SCRIPT)
+    elif pgmq == "sql":
+        try:
+            from pgmq.install import get_embedded_install_sql
+        except ImportError:
+            raise InstallError(f"the SQL-only pgmq is not available: {_PGMQ_OPTIONS}") from None
+        scripts.append(get_embedded_install_sql().strip())
+    elif pgmq is not None:
+        raise InstallError(f"pgmq must be 'extension', 'sql' or None, not {pgmq!r}")
+    scripts.append(_PGMQ_CHECK_SCRIPT)
+    if realtime_send:
+        scripts.append(_realtime_send_script())
+    scripts.append(
+        f"CREATE SCHEMA IF NOT EXISTS {PGFLOW_SA_SCHEMA};\n"
+        f"CREATE TABLE IF NOT EXISTS {PGFLOW_SA_SCHEMA}.schema_migrations ("
+        " name text PRIMARY KEY,"
+        " pgflow_version text NOT NULL,"
+        " applied_at timestamptz NOT NULL DEFAULT now());\n"
+        "-- the pgflow schema was dropped by hand: forget what was recorded\n"
+        f"DELETE FROM {PGFLOW_SA_SCHEMA}.schema_migrations "
+        "WHERE to_regclass('pgflow.flows') IS NULL;"
+    )
+    if chosen and only is not None:
+        listed = ", ".join(sql_literal(name) for name in chosen)
+        scripts.append(_NOT_APPLIED_SCRIPT.replace("{listed}", listed))
+    for name in chosen:
+        migration = wanted[name]
+        sql = migration.sql.replace(_PGFLOW_CREATE_PGMQ, _GUARDED_CREATE_PGMQ).strip()
+        scripts.append(
+            f"-- pgflow {migration.release}: {migration.name}\n{sql}\n"
+            f"INSERT INTO {PGFLOW_SA_SCHEMA}.schema_migrations (name, pgflow_version) "
+            f"VALUES ({sql_literal(migration.name)}, {sql_literal(migration.release)});"
+        )
+    return scripts
+
+
+def run_script(conn: Connection, sql: str) -> None:
+    """Run a script of ``install_script`` (or any parameterless multi-statement SQL)
+    in the connection's transaction, exactly as it is (psycopg or asyncpg)."""
+    _run_script(conn, sql)
