@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import os
+import selectors
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
@@ -120,3 +121,26 @@ _background = _Background()
 call = _background.call
 close = _background.close
 atexit.register(close)
+
+#: what a forked child inherited from its parent: kept, never closed, in the child
+_INHERITED: list[object] = []
+
+
+def _after_fork_in_child() -> None:
+    """A forked child shares its parent's epoll instance and sockets: closing the
+    inherited loop or its connections here (at exit, or when they are collected)
+    would unregister the parent's sockets and self-pipe from that shared epoll and
+    leave the parent's waits hanging. So the child keeps them for ever, gives the
+    loop a selector of its own for whatever its finalizers do, and starts afresh."""
+    background = _background
+    loop = background._loop
+    if loop is not None:
+        _INHERITED.append((loop, background._thread, dict(background._engines)))
+        own = getattr(loop, "_selector", None)
+        if own is not None:
+            loop._selector = selectors.DefaultSelector()  # type: ignore[attr-defined]
+    background._lock = threading.Lock()
+    background._loop, background._thread, background._engines = None, None, {}
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -24,7 +24,7 @@ import json
 import logging
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -37,8 +37,14 @@ from ._backoff import Backoff
 from ._db import DB_ERRORS, classify, database_errors, first_line
 from ._listen import Channels, ListenConnection, notifications_enabled
 from .client import get_run_async, parse_run_id, start_flow_async
+from .config import mask_password
 from .dsl import Flow
-from .exceptions import PgflowSaError, RunNotFoundError, RunTimeoutError
+from .exceptions import (
+    DatabaseUnavailableError,
+    PgflowSaError,
+    RunNotFoundError,
+    RunTimeoutError,
+)
 from .models import Run, RunEvent
 from .schema import queries
 
@@ -46,6 +52,11 @@ logger = logging.getLogger("pgflow_sa.waiting")
 
 DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_SAFETY_INTERVAL = 10.0
+#: after a hint the tables did not bear out (forged or stale), a wait or watch reads
+#: again no sooner than this: a flood of forged notifications costs a few reads a second
+FALSE_HINT_SPACING = 0.1
+#: seconds a wait that timed out may spend reading the run's last state
+FINAL_READ_GRACE = 3.0
 _TOPIC_PREFIX = "pgflow:run:"
 
 
@@ -84,8 +95,9 @@ def parse_notification(text: str) -> RunEvent | None:
 class _Subscription:
     run_id: uuid.UUID
     steps: bool
-    #: hints that the run may have changed (notifications, or batched checks)
-    queue: asyncio.Queue[RunEvent] = field(default_factory=asyncio.Queue)
+    #: set by hints that the run may have changed (notifications, batched checks);
+    #: however many arrive before the subscriber looks, they cost one read
+    hint: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class RunWatcher:
@@ -114,6 +126,14 @@ class RunWatcher:
         self._listener: ListenConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        #: the event loop it was made in (watcher_for keeps one per loop)
+        self.loop: Callable[[], asyncio.AbstractEventLoop | None] = (
+            weakref.ref(running) if running is not None else lambda: None
+        )
 
     @property
     def mode(self) -> Literal["idle", "notify", "poll"]:
@@ -155,7 +175,6 @@ class RunWatcher:
         async with self._lock:
             if self._task is not None:
                 return
-            _register(self)
             self._stopping = False
             if self.use_notifications:
                 self._listener = ListenConnection(
@@ -179,7 +198,6 @@ class RunWatcher:
         listener, self._listener = self._listener, None
         if listener is not None:
             await listener.stop()
-        _forget(self)
 
     # --- hints -----------------------------------------------------------------
 
@@ -192,7 +210,7 @@ class RunWatcher:
             return
         for sub in self._subs.get(event.run_id, ()):
             if sub.steps or event.is_run_event:
-                sub.queue.put_nowait(event)
+                sub.hint.set()
 
     async def _loop(self) -> None:
         while not self._stopping:
@@ -218,29 +236,30 @@ class RunWatcher:
         self.checks += 1
         async with self.engine.connect() as conn:
             rows = (await conn.execute(queries.finished_runs(ids))).all()
-        finished = {row.run_id: row.status for row in rows}
+        finished = {row.run_id for row in rows}
         for run_id in ids:
-            status = finished.get(run_id)
             for sub in self._subs.get(run_id, ()):
-                if status is not None:
-                    sub.queue.put_nowait(
-                        RunEvent(event=f"run:{status}", run_id=run_id, status=status)
-                    )
-                elif sub.steps:
-                    sub.queue.put_nowait(RunEvent(event="check", run_id=run_id))
+                if sub.steps or run_id in finished:
+                    sub.hint.set()
 
     # --- reading ---------------------------------------------------------------
 
     async def _read(self, run_id: uuid.UUID, *, steps: bool, deadline: float | None) -> Run:
         """The run as its tables say, retrying transient database errors until
-        ``deadline`` (loop time; None: for ever)."""
+        ``deadline`` (loop time; None: for ever). No attempt outlives the deadline:
+        a server that does not answer raises DatabaseUnavailableError then."""
         loop = asyncio.get_running_loop()
         backoff = Backoff(cap=2.0, first=0.1)
         while True:
             try:
-                with database_errors(self.engine.url, PgflowSaError):
-                    async with self.engine.connect() as conn:
-                        run = await get_run_async(conn, run_id, steps=steps)
+                remaining = None if deadline is None else max(deadline - loop.time(), 0.05)
+                try:
+                    run = await asyncio.wait_for(self._read_once(run_id, steps), remaining)
+                except asyncio.TimeoutError:
+                    raise DatabaseUnavailableError(
+                        f"cannot use the database at {mask_password(self.engine.url)}: "
+                        f"no answer within {remaining:.1f} s"
+                    ) from None
             except PgflowSaError as exc:
                 cause = exc.__cause__
                 if cause is None or not classify(cause).transient:
@@ -254,6 +273,29 @@ class RunWatcher:
             if run is None:
                 raise RunNotFoundError(f"there is no run {run_id}")
             return run
+
+    async def _read_once(self, run_id: uuid.UUID, steps: bool) -> Run | None:
+        with database_errors(self.engine.url, PgflowSaError):
+            async with self.engine.connect() as conn:
+                return await get_run_async(conn, run_id, steps=steps)
+
+    async def _hinted(self, sub: _Subscription, deadline: float | None) -> bool:
+        """Wait for a hint about the run; False when the deadline passed first."""
+        loop = asyncio.get_running_loop()
+        remaining = None if deadline is None else deadline - loop.time()
+        if remaining is not None and remaining <= 0:
+            return False
+        try:
+            await asyncio.wait_for(sub.hint.wait(), remaining)
+        except asyncio.TimeoutError:
+            return False
+        sub.hint.clear()
+        return True
+
+    async def _last_state(self, run_id: uuid.UUID) -> Run:
+        """The run's state for a wait that timed out (a short grace to read it)."""
+        loop = asyncio.get_running_loop()
+        return await self._read(run_id, steps=True, deadline=loop.time() + FINAL_READ_GRACE)
 
     # --- waiting ---------------------------------------------------------------
 
@@ -270,31 +312,21 @@ class RunWatcher:
         if current.finished:
             return await self._read(sub.run_id, steps=True, deadline=deadline)
         await self._activate()
-        while True:
-            remaining = None if deadline is None else deadline - loop.time()
-            try:
-                if remaining is not None and remaining <= 0:
-                    raise asyncio.TimeoutError
-                event = await asyncio.wait_for(sub.queue.get(), remaining)
-            except asyncio.TimeoutError:
-                last = await self._read(sub.run_id, steps=True, deadline=None)
-                if last.finished:
-                    return last
-                raise RunTimeoutError(
-                    f"run {sub.run_id} of flow {last.flow_slug!r} did not finish within "
-                    f"{timeout} s (status {last.status.value}, "
-                    f"{last.remaining_steps} step(s) remaining)",
-                    run=last,
-                ) from None
-            if event.finishes_run:
-                run = await self._read(sub.run_id, steps=True, deadline=deadline)
-                if run.finished:
-                    return run
-                logger.debug(
-                    "a %s notification for run %s is not what its tables say",
-                    event.event,
-                    sub.run_id,
-                )
+        while await self._hinted(sub, deadline):
+            run = await self._read(sub.run_id, steps=True, deadline=deadline)
+            if run.finished:
+                return run
+            logger.debug("a hint that run %s finished is not what its tables say", sub.run_id)
+            await asyncio.sleep(FALSE_HINT_SPACING)
+        last = await self._last_state(sub.run_id)
+        if last.finished:
+            return last
+        raise RunTimeoutError(
+            f"run {sub.run_id} of flow {last.flow_slug!r} did not finish within "
+            f"{timeout} s (status {last.status.value}, "
+            f"{last.remaining_steps} step(s) remaining)",
+            run=last,
+        )
 
     async def watch(
         self, run_id: uuid.UUID | str, *, timeout: float | None = None
@@ -311,23 +343,19 @@ class RunWatcher:
             if not run.finished:
                 await self._activate()
             while not run.finished:
-                remaining = None if deadline is None else deadline - loop.time()
-                try:
-                    if remaining is not None and remaining <= 0:
-                        raise asyncio.TimeoutError
-                    await asyncio.wait_for(sub.queue.get(), remaining)
-                except asyncio.TimeoutError:
-                    last = await self._read(rid, steps=True, deadline=None)
+                if not await self._hinted(sub, deadline):
+                    last = await self._last_state(rid)
                     raise RunTimeoutError(
                         f"watching run {rid} timed out after {timeout} s "
                         f"(status {last.status.value})",
                         run=last,
-                    ) from None
-                while not sub.queue.empty():  # one read for every hint that piled up
-                    sub.queue.get_nowait()
+                    )
                 run = await self._read(rid, steps=True, deadline=deadline)
-                for event in _step_events(run, seen):
+                changed = list(_step_events(run, seen))
+                for event in changed:
                     yield event
+                if not changed and not run.finished:
+                    await asyncio.sleep(FALSE_HINT_SPACING)
             yield RunEvent(event=f"run:{run.status.value}", run_id=rid, status=run.status.value)
 
 
@@ -351,37 +379,24 @@ def _step_events(run: Run, seen: dict[str, str]) -> Iterator[RunEvent]:
                 )
 
 
-#: the watchers in use: engine -> id of its event loop -> watcher. A watcher is
-#: here while something waits (and between watcher_for and its first wait), and
-#: leaves when it goes idle, so engines made per call are not kept alive.
-_WATCHERS: weakref.WeakKeyDictionary[AsyncEngine, dict[int, RunWatcher]] = (
+#: engine -> id of an event loop -> its watcher, both held weakly: a watcher lives
+#: while something waits on it (or holds it), and an engine made per call is never
+#: kept alive by this table.
+_WATCHERS: weakref.WeakKeyDictionary[AsyncEngine, weakref.WeakValueDictionary[int, RunWatcher]] = (
     weakref.WeakKeyDictionary()
 )
 
 
 def watcher_for(engine: AsyncEngine) -> RunWatcher:
     """The shared RunWatcher of an engine in the running event loop."""
-    loop_id = id(asyncio.get_running_loop())
-    per_loop = _WATCHERS.setdefault(engine, {})
-    watcher = per_loop.get(loop_id)
-    if watcher is None:
-        watcher = per_loop[loop_id] = RunWatcher(engine)
-    return watcher
-
-
-def _register(watcher: RunWatcher) -> None:
-    _WATCHERS.setdefault(watcher.engine, {}).setdefault(id(asyncio.get_running_loop()), watcher)
-
-
-def _forget(watcher: RunWatcher) -> None:
-    per_loop = _WATCHERS.get(watcher.engine)
+    loop = asyncio.get_running_loop()
+    per_loop = _WATCHERS.get(engine)
     if per_loop is None:
-        return
-    loop_id = id(asyncio.get_running_loop())
-    if per_loop.get(loop_id) is watcher:
-        del per_loop[loop_id]
-    if not per_loop:
-        del _WATCHERS[watcher.engine]
+        per_loop = _WATCHERS[engine] = weakref.WeakValueDictionary()
+    watcher = per_loop.get(id(loop))
+    if watcher is None or watcher.loop() is not loop:  # (an id a closed loop had)
+        watcher = per_loop[id(loop)] = RunWatcher(engine)
+    return watcher
 
 
 async def wait_for_run_async(
@@ -389,7 +404,8 @@ async def wait_for_run_async(
 ) -> Run:
     """Wait until the run completes or fails; returns it with its steps. Raises
     RunTimeoutError (carrying the last known run as ``.run``) after ``timeout`` s."""
-    return await watcher_for(engine).wait(run_id, timeout=timeout)
+    rid = parse_run_id(run_id)
+    return await watcher_for(engine).wait(rid, timeout=timeout)
 
 
 async def watch_run(

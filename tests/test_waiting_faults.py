@@ -8,10 +8,13 @@ import contextlib
 import gc
 import json
 import logging
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -349,6 +352,109 @@ async def test_malformed_notifications_are_ignored_quietly(
         await asyncio.sleep(0.5)
         assert not waiting.done()
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        async with _driving(other):
+            assert (await waiting).status is RunStatus.COMPLETED
+    finally:
+        await waiter.dispose()
+
+
+def test_a_forked_child_leaves_the_parents_waits_alone(db_url: str) -> None:
+    """A child forked after a blocking wait (gunicorn, multiprocessing) waits on its
+    own loop and exits normally; the parent's next wait still works."""
+    deploy(db_url, chain)
+
+    async def finished_run() -> uuid.UUID:
+        engine = _engine(db_url)
+        try:
+            run_id = await _start(engine)
+            async with _driving(engine):
+                await wait_for_run_async(engine, run_id, timeout=30)
+            return run_id
+        finally:
+            await engine.dispose()
+
+    run_id = asyncio.run(finished_run())
+    script = Path(__file__).parent / "apps" / "fork_waits.py"
+    for _ in range(3):
+        done = subprocess.run(
+            [sys.executable, str(script), db_url, str(run_id)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.stdout.startswith("OK completed 0"), done.stdout + done.stderr
+
+
+async def test_a_server_that_stays_down_ends_waits_at_their_timeout() -> None:
+    """The server stops for good 1 s into a 3 s wait and a 3 s watch: both end within
+    their timeout plus the few seconds allowed to read a last state, with a clear error."""
+    from pgflow_sa import DatabaseUnavailableError, RunTimeoutError, install_schema
+    from pgflow_sa.waiting import FINAL_READ_GRACE
+
+    from .throwaway_server import throwaway_server
+
+    with throwaway_server() as server:
+        url = server.url("postgres")
+        install_schema(url)
+        deploy(url, chain)
+        engine = _engine(url)
+        try:
+            run_id = await _start(engine)
+
+            async def watch() -> None:
+                async for _ in watch_run(engine, run_id, timeout=3):
+                    pass
+
+            began = time.monotonic()
+            waits = [
+                asyncio.create_task(wait_for_run_async(engine, run_id, timeout=3)),
+                asyncio.create_task(watch()),
+            ]
+            await asyncio.sleep(1)
+            await asyncio.to_thread(server.stop, "immediate")
+            done, _ = await asyncio.wait(waits, timeout=3 + FINAL_READ_GRACE + 3)
+            took = time.monotonic() - began
+            assert len(done) == 2, f"still waiting after {took:.1f} s"
+            for task in waits:
+                assert isinstance(task.exception(), (DatabaseUnavailableError, RunTimeoutError))
+        finally:
+            await engine.dispose()
+
+
+async def test_a_flood_of_forged_notifications_costs_a_few_reads(
+    db_url: str, other: AsyncEngine
+) -> None:
+    """5,000 forged run:completed notifications in about a second: the wait reads the
+    run a few times a second, not once per notification, and still returns the truth."""
+    from sqlalchemy import event
+
+    run_id = await _start(other)
+    waiter = _engine(db_url)
+    reads: list[float] = []
+
+    @event.listens_for(waiter.sync_engine, "before_cursor_execute")
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "FROM pgflow.runs" in statement:
+            reads.append(time.monotonic())
+
+    try:
+        waiting = asyncio.create_task(wait_for_run_async(waiter, run_id, timeout=30))
+        watcher = watcher_for(waiter)
+        await _until(lambda: watcher.mode == "notify")
+        message = json.dumps({"topic": f"pgflow:run:{run_id}", "event": "run:completed"})
+        began = time.monotonic()
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_notify('pgflow', %s || g || '}') FROM generate_series(1, 5000) g",
+                [message[:-1] + ', "n": '],
+            )
+            conn.execute("SELECT 1")
+        await asyncio.sleep(1.0)
+        flood = [t for t in reads if t >= began]
+        elapsed = time.monotonic() - began
+        assert len(flood) <= 15 * elapsed + 3, f"{len(flood)} reads in {elapsed:.1f} s"
+        assert not waiting.done()
         async with _driving(other):
             assert (await waiting).status is RunStatus.COMPLETED
     finally:
