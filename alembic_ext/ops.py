@@ -34,17 +34,42 @@ _OPTION_COLUMNS = {
 }
 
 PgmqSource = Literal["extension", "sql"]
+#: pgmq=True, as migrations written by earlier versions say: installed the way the
+#: server allows, found out when the migration runs (online only)
+AUTO: Literal["auto"] = "auto"
 
 
-def _pgmq_source(pgmq: PgmqSource | bool | None) -> PgmqSource | None:
-    # migrations written by earlier versions say pgmq=True / False
-    if pgmq is True:
-        return "extension"
+PgmqArg = PgmqSource | Literal["auto"] | bool | None
+
+
+def _pgmq_source(pgmq: PgmqArg) -> PgmqSource | Literal["auto"] | None:
+    if pgmq is True or pgmq == AUTO:
+        return AUTO
     if pgmq is False or pgmq is None:
         return None
     if pgmq not in ("extension", "sql"):
-        raise ValueError(f"pgmq must be 'extension', 'sql' or None, not {pgmq!r}")
+        raise ValueError(f"pgmq must be 'extension', 'sql', True or None, not {pgmq!r}")
     return pgmq
+
+
+def _resolve_pgmq(
+    operations: Operations, pgmq: PgmqSource | Literal["auto"] | None
+) -> PgmqSource | None:
+    """pgmq=True: as the database allows (nothing if pgmq is there, the extension if
+    the server offers it, else the SQL-only pgmq)."""
+    if pgmq != AUTO:
+        return pgmq
+    if operations.migration_context.as_sql:
+        raise CommandError(
+            "this migration says InstallPgflowOp(..., pgmq=True), which picks how to "
+            "install pgmq from the database, and offline (--sql) there is none: write "
+            "pgmq='extension' (CREATE EXTENSION pgmq) or pgmq='sql' (the SQL-only pgmq) "
+            "in the migration"
+        )
+    found = installer.check(operations.get_bind()).pgmq
+    if found.startswith(("extension", "sql-only")):
+        return None
+    return "extension" if "available as extension" in found else "sql"
 
 
 class InstallPgflowOp(MigrateOperation):
@@ -59,7 +84,7 @@ class InstallPgflowOp(MigrateOperation):
         self,
         version: str,
         *,
-        pgmq: PgmqSource | bool | None = None,
+        pgmq: PgmqArg = None,
         realtime_send: bool = True,
     ) -> None:
         self.version = version
@@ -72,9 +97,12 @@ class InstallPgflowOp(MigrateOperation):
     def to_diff_tuple(self) -> tuple[Any, ...]:
         return ("install_pgflow", self.version)
 
-    def scripts(self) -> list[str]:
+    def scripts(self, pgmq: PgmqSource | None = None) -> list[str]:
+        source = pgmq if self.pgmq == AUTO else self.pgmq
         return installer.install_script(
-            self.version, pgmq=self.pgmq, realtime_send=self.realtime_send
+            self.version,
+            pgmq=source,
+            realtime_send=self.realtime_send,
         )
 
 
@@ -88,7 +116,7 @@ class UninstallPgflowOp(MigrateOperation):
         self,
         version: str,
         *,
-        pgmq: PgmqSource | bool | None = None,
+        pgmq: PgmqArg = None,
         realtime_send: bool = True,
         cascade: bool = False,
     ) -> None:
@@ -261,8 +289,12 @@ def _run(operations: Operations, operation: Any) -> None:
     run_scripts(operations, operation.scripts())
 
 
+@Operations.implementation_for(InstallPgflowOp)
+def _install(operations: Operations, operation: InstallPgflowOp) -> None:
+    run_scripts(operations, operation.scripts(_resolve_pgmq(operations, operation.pgmq)))
+
+
 for _op in (
-    InstallPgflowOp,
     UninstallPgflowOp,
     UpgradePgflowOp,
     CreateFlowOp,

@@ -255,3 +255,19 @@ def test_installing_onto_an_installed_pgflow_is_a_failed_line(
     install_schema(empty_db_url)
     refused = project.run("upgrade", "head", ok=False)
     _failed_line(refused, "pgflow is already installed in this database", "InstallPgflowOp")
+
+
+def test_migrations_written_with_pgmq_true_still_work(empty_db_url: str, tmp_path: Path) -> None:
+    """Earlier versions wrote InstallPgflowOp(..., pgmq=True): online it installs pgmq
+    the way the server allows; offline it asks for an explicit choice."""
+    project = Project(tmp_path, "generic", empty_db_url)
+    project.revision("pgflow")
+    [path] = (tmp_path / "migrations" / "versions").glob("*.py")
+    text = path.read_text()
+    start = text.index("pgmq=", text.index("InstallPgflowOp"))
+    end = text.index(",", start)
+    path.write_text(text[:start] + "pgmq=True" + text[end:])
+    offline = project.run("upgrade", "head", "--sql", ok=False)
+    _failed_line(offline, "pgmq=True", "pgmq='extension'", "pgmq='sql'")
+    project.run("upgrade", "head")
+    assert check_schema(empty_db_url).state is SchemaState.INSTALLED
