@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -53,9 +55,19 @@ class ErrorKind(enum.Enum):
         return self is not ErrorKind.REFUSED
 
 
-#: what a database call can raise: driver errors (wrapped by SQLAlchemy), socket
-#: errors asyncpg lets through, and a connection pool that had no connection in time
-DB_ERRORS: tuple[type[BaseException], ...] = (DBAPIError, OSError, PoolTimeoutError)
+#: what a driver can raise: its errors wrapped by SQLAlchemy, socket errors asyncpg lets
+#: through, and what SQLAlchemy 2.0 lets through unwrapped when asyncpg connects (2.1
+#: wraps them): asyncpg's own errors (too many connections, cannot connect now) and its
+#: timeout, an asyncio.TimeoutError that on Python 3.10 is not an OSError
+DRIVER_ERRORS: tuple[type[BaseException], ...] = (
+    DBAPIError,
+    OSError,
+    asyncpg.PostgresError,
+    asyncio.TimeoutError,
+)
+#: what a database call can raise: the driver's errors, and a connection pool that had
+#: no connection in time
+DB_ERRORS: tuple[type[BaseException], ...] = (*DRIVER_ERRORS, PoolTimeoutError)
 
 _CONNECTION_STATES = ("57P01", "57P02", "57P03")
 _CONFLICT_STATES = ("40001", "40P01", "55P03", "57014")
@@ -89,8 +101,10 @@ def classify(exc: BaseException) -> ErrorKind:
         return ErrorKind.REFUSED
     if isinstance(exc, PoolTimeoutError):  # every pooled connection is busy
         return ErrorKind.CONFLICT
-    if isinstance(exc, (OperationalError, InterfaceError, OSError, ConnectionError)):
-        # asyncpg lets socket errors (e.g. connection refused) through as OSError
+    if isinstance(
+        exc, (OperationalError, InterfaceError, OSError, ConnectionError, asyncio.TimeoutError)
+    ):
+        # asyncpg lets socket errors (e.g. connection refused) and timeouts through
         return ErrorKind.CONNECTION
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return ErrorKind.CONNECTION
@@ -128,7 +142,7 @@ def database_errors(url: str | URL | None, error: type[PgflowSaError]) -> Iterat
     This is the one place where driver errors are translated."""
     try:
         yield
-    except (DBAPIError, OSError) as exc:
+    except DRIVER_ERRORS as exc:
         if classify(exc) is ErrorKind.CONNECTION:
             raise DatabaseUnavailableError(_unavailable(url, exc)) from exc
         raise error(first_line(exc)) from exc

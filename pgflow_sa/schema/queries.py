@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, select, text, tuple_
-from sqlalchemy.sql import Select, TextClause
+# TextClause is exported by sqlalchemy.sql only from 2.1; the top level has it on 2.0 too.
+from sqlalchemy import Select, TextClause, and_, literal, select, text, tuple_
 
 from . import tables
 from .names import NOTIFY_CHANNEL
@@ -59,7 +59,12 @@ def runs_page(
     if started_before is not None:
         query = query.where(runs.c.started_at < started_before)
     if after is not None:
-        query = query.where(tuple_(runs.c.started_at, runs.c.run_id) < tuple_(*after))
+        # literal(): SQLAlchemy 2.0's tuple_() is typed for SQL expressions only.
+        started_at, run_id = after
+        cursor = tuple_(
+            literal(started_at, runs.c.started_at.type), literal(run_id, runs.c.run_id.type)
+        )
+        query = query.where(tuple_(runs.c.started_at, runs.c.run_id) < cursor)
     return query.order_by(runs.c.started_at.desc(), runs.c.run_id.desc()).limit(limit)
 
 

@@ -164,7 +164,11 @@ async def _work(
             assert current is not None
             if current.finished or _stopped(current, stop_after):
                 return current
-            timeouts = dict((await conn.execute(worker_queries.step_timeouts(flow.slug))).all())
+            # not dict(rows): SQLAlchemy 2.0 types a Row as a Sequence (2.1: a tuple)
+            timeouts: dict[str, int] = {
+                row.step_slug: row.timeout
+                for row in await conn.execute(worker_queries.step_timeouts(flow.slug))
+            }
             ids = list(
                 (
                     await conn.execute(worker_queries.read_run_messages(flow.slug, run.run_id))
