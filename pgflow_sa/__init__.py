@@ -11,6 +11,8 @@ from .client import (
     list_runs_async,
     start_flow,
     start_flow_async,
+    start_flows,
+    start_flows_async,
 )
 from .compiler import compile_flow
 from .config import (
@@ -126,6 +128,8 @@ __all__ = [
     "start_flow_and_wait",
     "start_flow_and_wait_async",
     "start_flow_async",
+    "start_flows",
+    "start_flows_async",
     "tables",
     "to_libpq_url",
     "to_sqlalchemy_url",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
 
@@ -217,6 +217,58 @@ async def start_flow_async(
             raise  # a lost connection, not a refusal: translated by @_translated
         raise _translate(exc, slug) from exc
     return _run(row)
+
+
+def _prepare_many(flow: Flow | str, inputs: Iterable[Any]) -> tuple[str, list[Any]]:
+    if isinstance(inputs, (str, bytes, dict)):
+        raise InvalidInputError(
+            "start_flows takes a list of inputs (one run each), not a single "
+            f"{type(inputs).__name__}: use start_flow for one run"
+        )
+    prepared = [_prepare(flow, value, None) for value in inputs]
+    slug = flow.slug if isinstance(flow, Flow) else str(flow)
+    return slug, [value for _, value, _ in prepared]
+
+
+@_translated
+def start_flows(conn: SyncExecutor, flow: Flow | str, inputs: Iterable[Any]) -> list[Run]:
+    """Start one run per input in the transaction of ``conn``, in one statement (one
+    round trip however many). Every input is checked as :func:`start_flow` checks
+    it before anything is sent; the runs come back in input order. All of them start
+    or, when pgflow refuses one, none (the caller's transaction stays usable)."""
+    slug, values = _prepare_many(flow, inputs)
+    if not values:
+        return []
+    if conn.execute(queries.flow_exists(slug)).first() is None:
+        raise _not_found(slug)
+    try:
+        with conn.begin_nested():
+            rows = conn.execute(queries.start_flows(slug, values)).all()
+    except DBAPIError as exc:
+        if exc.connection_invalidated or isinstance(exc, (OperationalError, InterfaceError)):
+            raise  # a lost connection, not a refusal: translated by @_translated
+        raise _translate(exc, slug) from exc
+    return [_run(row) for row in rows]
+
+
+@_translated_async
+async def start_flows_async(
+    conn: AsyncExecutor, flow: Flow | str, inputs: Iterable[Any]
+) -> list[Run]:
+    """:func:`start_flows` for an AsyncConnection or AsyncSession."""
+    slug, values = _prepare_many(flow, inputs)
+    if not values:
+        return []
+    if (await conn.execute(queries.flow_exists(slug))).first() is None:
+        raise _not_found(slug)
+    try:
+        async with conn.begin_nested():
+            rows = (await conn.execute(queries.start_flows(slug, values))).all()
+    except DBAPIError as exc:
+        if exc.connection_invalidated or isinstance(exc, (OperationalError, InterfaceError)):
+            raise  # a lost connection, not a refusal: translated by @_translated
+        raise _translate(exc, slug) from exc
+    return [_run(row) for row in rows]
 
 
 def parse_run_id(run_id: uuid.UUID | str) -> uuid.UUID:

@@ -8,7 +8,9 @@ from datetime import datetime
 from typing import Any
 
 # TextClause is exported by sqlalchemy.sql only from 2.1; the top level has it on 2.0 too.
-from sqlalchemy import Select, TextClause, and_, literal, select, text, tuple_
+from sqlalchemy import Select, Text, TextClause, and_, bindparam, literal, select, text, tuple_
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.sql.selectable import TextualSelect
 
 from . import tables
 from .names import NOTIFY_CHANNEL
@@ -32,6 +34,23 @@ _run_error = (
 
 def flow_exists(flow_slug: str) -> Select[Any]:
     return select(tables.flows.c.flow_slug).where(tables.flows.c.flow_slug == flow_slug)
+
+
+def start_flows(flow_slug: str, inputs: list[Any]) -> TextualSelect:
+    """``pgflow.start_flow`` once per input, in input order, in one statement: the new
+    runs' rows. The inputs travel as one JSON array."""
+    return (
+        text(
+            "SELECT r.* FROM jsonb_array_elements(CAST(:inputs AS jsonb))"
+            " WITH ORDINALITY AS i(input, n)"
+            " CROSS JOIN LATERAL pgflow.start_flow(:flow_slug, i.input) AS r ORDER BY i.n"
+        )
+        .bindparams(
+            bindparam("inputs", inputs, type_=JSONB()),
+            bindparam("flow_slug", flow_slug, type_=Text()),
+        )
+        .columns(*runs.c)
+    )
 
 
 def run_by_id(run_id: uuid.UUID) -> Select[Any]:
