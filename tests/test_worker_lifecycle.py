@@ -200,8 +200,14 @@ async def test_deprecated_worker_drains_and_exits(db_url: str) -> None:
         if worker.ready is not None and worker.ready.is_set():
             break
         await asyncio.sleep(0.01)
-    with psycopg.connect(db_url) as conn:
-        conn.execute("UPDATE pgflow.workers SET deprecated_at = now()")
+
+    def deprecate() -> None:
+        with psycopg.connect(db_url) as conn:
+            conn.execute("UPDATE pgflow.workers SET deprecated_at = now()")
+
+    # in a thread: a blocking call here would stop the worker's event loop, and with it
+    # a heartbeat holding the row lock the UPDATE waits for (a deadlock, seen once in CI)
+    await asyncio.to_thread(deprecate)
     await asyncio.wait_for(serving, 10)  # exits by itself
 
 
