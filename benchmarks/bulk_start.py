@@ -5,43 +5,24 @@ called once per run, both in one transaction, in the same run of this script.
 
 Without --database-url it uses PGFLOW_SA_BENCH_DATABASE_URL, else the server at
 127.0.0.1:5432; each round uses a fresh database there. The figure that matters is
-the ratio.
+the ratio. ``benchmarks/run.py`` reports it too.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
-import uuid
 from pathlib import Path
-
-import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _setup import DEFAULT_SERVER, drop_databases, libpq, pgflow_database
 from bench_app import chain
 
-from pgflow_sa import deploy_flows, install_schema, start_flow, start_flows
+from pgflow_sa import start_flow, start_flows
 from pgflow_sa._db import sync_engine
-from pgflow_sa.config import to_sqlalchemy_url
-
-
-def _fresh(server: str) -> tuple[str, str]:
-    name = f"pgflow_sa_bulk_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = to_sqlalchemy_url(server).set(database=name).render_as_string(hide_password=False)
-    install_schema(url)
-    deploy_flows(url, [chain])
-    return name, url
-
-
-def _drop(server: str, name: str) -> None:
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 def _rate(url: str, runs: int, bulk: bool) -> float:
@@ -61,28 +42,27 @@ def _rate(url: str, runs: int, bulk: bool) -> float:
         engine.dispose()
 
 
+def measure(server: str, runs: int, rounds: int) -> dict[str, float]:
+    """Median runs/s of each way over ``rounds`` rounds, each in a fresh database."""
+    rates: dict[str, list[float]] = {"start_flow": [], "start_flows": []}
+    for _ in range(rounds):
+        for label, bulk in (("start_flow", False), ("start_flows", True)):
+            rates[label].append(_rate(pgflow_database(server), runs, bulk))
+    return {"runs": runs, **{label: statistics.median(r) for label, r in rates.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get(
-            "PGFLOW_SA_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-        ),
-    )
+    parser.add_argument("--database-url", default=DEFAULT_SERVER)
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    server = to_sqlalchemy_url(args.database_url).set(drivername="postgresql")
-    server_url = server.render_as_string(hide_password=False)
-    rates: dict[str, list[float]] = {"start_flow": [], "start_flows": []}
-    for _ in range(args.rounds):
-        for label, bulk in (("start_flow", False), ("start_flows", True)):
-            name, url = _fresh(server_url)
-            try:
-                rates[label].append(_rate(url, args.runs, bulk))
-            finally:
-                _drop(server_url, name)
-    single, bulk = (statistics.median(rates[k]) for k in ("start_flow", "start_flows"))
+    server = libpq(args.database_url)
+    try:
+        result = measure(server, args.runs, args.rounds)
+    finally:
+        drop_databases(server)
+    single, bulk = result["start_flow"], result["start_flows"]
     print(f"start_flow, one call per run: {single:,.0f} runs/s (median of {args.rounds})")
     print(f"start_flows, one statement:   {bulk:,.0f} runs/s (median of {args.rounds})")
     print(f"ratio: {bulk / single:.2f}x ({args.runs} runs per round)")

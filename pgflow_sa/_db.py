@@ -31,7 +31,11 @@ def sync_engine(url: str | URL | Engine) -> Engine:
     """A psycopg engine for a URL (an Engine is returned as it is)."""
     if isinstance(url, Engine):
         return url
-    return create_engine(to_sqlalchemy_url(url, "psycopg"), poolclass=NullPool)
+    from .pooler import psycopg_connect_args
+
+    return create_engine(
+        to_sqlalchemy_url(url, "psycopg"), poolclass=NullPool, connect_args=psycopg_connect_args()
+    )
 
 
 class ErrorKind(enum.Enum):

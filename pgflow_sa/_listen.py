@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ._aio import first_of
 from ._backoff import Backoff
 from ._db import first_line
 from .schema import queries
@@ -121,7 +122,7 @@ class ListenConnection:
             self._on_up()
             while not lost.is_set() and not self._stopping.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(_first(lost, self._stopping), PING_INTERVAL)
+                    await asyncio.wait_for(first_of(lost, self._stopping), PING_INTERVAL)
                 if not lost.is_set() and not self._stopping.is_set():
                     # on the driver's connection: through SQLAlchemy it would open a
                     # transaction, which holds back vacuum and defers notifications
@@ -133,16 +134,6 @@ class ListenConnection:
                 with contextlib.suppress(Exception):
                     raw.remove_termination_listener(on_lost)
             await _discard(conn, raw if not disabled else None)
-
-
-async def _first(*events: asyncio.Event) -> None:
-    """Return when any of the events is set."""
-    waits = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for wait in waits:
-            wait.cancel()
 
 
 async def notifications_enabled(conn: AsyncConnection) -> bool:

@@ -76,10 +76,15 @@ def async_engine_from_url(url: str | URL, /, **kwargs: Any) -> AsyncEngine:
     ``sslkey``, ...) as asyncpg reads them from a DSN. The URL's parameters win over
     the same settings in ``connect_args``. The engine's ``url`` keeps them, so
     engines made from it (psycopg ones too) get them as well. Parameters asyncpg has
-    no equivalent for raise ConfigurationError."""
+    no equivalent for raise ConfigurationError. With ``PGFLOW_SA_POOLER=transaction``
+    the engine keeps no prepared statements (see :mod:`pgflow_sa.pooler`)."""
+    from .pooler import asyncpg_connect_args, transaction_pooling
+
     parsed = _driver_url(url, "asyncpg", translate=True)
     libpq = {key: _last(value) for key, value in parsed.query.items() if key in _TRANSLATED}
     connect_args = dict(kwargs.pop("connect_args", None) or {})
+    if transaction_pooling():
+        connect_args = {**asyncpg_connect_args(), **connect_args}
     settings = dict(connect_args.get("server_settings") or {})
     for key in _SERVER_SETTINGS:
         if key in libpq:

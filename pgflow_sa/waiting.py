@@ -31,13 +31,14 @@ from typing import Any, Literal
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import NullPool
 
 from . import _background as background
 from ._backoff import Backoff
 from ._db import DB_ERRORS, classify, database_errors, first_line
 from ._listen import Channels, ListenConnection, notifications_enabled
 from .client import get_run_async, parse_run_id, start_flow_async
-from .config import mask_password
+from .config import async_engine_from_url, mask_password
 from .dsl import Flow
 from .exceptions import (
     DatabaseUnavailableError,
@@ -46,6 +47,7 @@ from .exceptions import (
     RunTimeoutError,
 )
 from .models import Run, RunEvent
+from .pooler import listen_url, transaction_pooling
 from .schema import queries
 
 logger = logging.getLogger("pgflow_sa.waiting")
@@ -176,9 +178,10 @@ class RunWatcher:
             if self._task is not None:
                 return
             self._stopping = False
-            if self.use_notifications:
+            listen_engine = _listen_engine(self.engine)
+            if self.use_notifications and listen_engine is not None:
                 self._listener = ListenConnection(
-                    self.engine,
+                    listen_engine,
                     self._channels,
                     on_up=self._wake.set,  # catch up on what happened before it listened
                     on_down=self._wake.set,
@@ -382,6 +385,22 @@ def _step_events(run: Run, seen: dict[str, str]) -> Iterator[RunEvent]:
 #: engine -> id of an event loop -> its watcher, both held weakly: a watcher lives
 #: while something waits on it (or holds it), and an engine made per call is never
 #: kept alive by this table.
+_DIRECT_ENGINES: dict[str, AsyncEngine] = {}
+
+
+def _listen_engine(engine: AsyncEngine) -> AsyncEngine | None:
+    """Where a watcher of ``engine`` LISTENs: the engine itself, or behind a pooler in
+    transaction mode the direct PGFLOW_SA_LISTEN_URL (None without one: it polls)."""
+    if not transaction_pooling():
+        return engine
+    direct = listen_url()
+    if direct is None:
+        return None
+    if direct not in _DIRECT_ENGINES:
+        _DIRECT_ENGINES[direct] = async_engine_from_url(direct, poolclass=NullPool)
+    return _DIRECT_ENGINES[direct]
+
+
 _WATCHERS: weakref.WeakKeyDictionary[AsyncEngine, weakref.WeakValueDictionary[int, RunWatcher]] = (
     weakref.WeakKeyDictionary()
 )

@@ -33,8 +33,8 @@ TEXT = README.read_text()
 # benchmarks/run.py runs for minutes at its defaults; the README test only checks that
 # the command works, on small sizes (its figures are not looked at)
 BENCH_SMOKE = [
-    "--tasks", "200", "--seconds", "1", "--stale-rate", "20", "--stale-seconds", "1",
-    "--map-sizes", "50", "--root-map-size", "50",
+    "--tasks", "200", "--seconds", "1", "--root-map-size", "50", "--backlog-small", "200",
+    "--backlog", "400", "--idle-seconds", "1", "--scale-tasks", "200",
 ]  # fmt: skip
 
 

@@ -3,8 +3,9 @@ handing tasks back, finding stalled tasks, and run inputs for map tasks."""
 
 from __future__ import annotations
 
+import functools
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -25,6 +26,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql import Select, Update
+from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.expression import ColumnClause
 
 from . import tables
@@ -77,15 +79,29 @@ Fence = tuple[uuid.UUID, str, int, uuid.UUID, datetime]
 one attempt exactly (a retry, a recovery or a hand-back changes or clears it)."""
 
 
-def _fence_params(fences: Sequence[Fence]) -> list[Any]:
+Query = tuple[Executable, dict[str, Any]]
+"""A constant statement and the values of its parameters: ``conn.execute(*query)``.
+The statements are built once, so SQLAlchemy finds each compiled in its cache without
+rebuilding its cache key (which cost about a millisecond per call, types included)."""
+
+_FENCE_BINDS = (
+    bindparam("run_ids", type_=ARRAY(PG_UUID(as_uuid=True))),
+    bindparam("step_slugs", type_=ARRAY(Text())),
+    bindparam("task_indexes", type_=ARRAY(Integer())),
+    bindparam("worker_ids", type_=ARRAY(PG_UUID(as_uuid=True))),
+    bindparam("started_ats", type_=ARRAY(TIMESTAMP(timezone=True))),
+)
+
+
+def _fence_params(fences: Sequence[Fence]) -> dict[str, Any]:
     ordered = sorted(fences, key=lambda f: (str(f[0]), f[1], f[2]))
-    return [
-        bindparam("run_ids", [f[0] for f in ordered], type_=ARRAY(PG_UUID(as_uuid=True))),
-        bindparam("step_slugs", [f[1] for f in ordered], type_=ARRAY(Text())),
-        bindparam("task_indexes", [f[2] for f in ordered], type_=ARRAY(Integer())),
-        bindparam("worker_ids", [f[3] for f in ordered], type_=ARRAY(PG_UUID(as_uuid=True))),
-        bindparam("started_ats", [f[4] for f in ordered], type_=ARRAY(TIMESTAMP(timezone=True))),
-    ]
+    return {
+        "run_ids": [f[0] for f in ordered],
+        "step_slugs": [f[1] for f in ordered],
+        "task_indexes": [f[2] for f in ordered],
+        "worker_ids": [f[3] for f in ordered],
+        "started_ats": [f[4] for f in ordered],
+    }
 
 
 # Locks the rows of the tasks still held as fenced (started, by that worker, at that
@@ -111,19 +127,10 @@ _SETTLED: list[ColumnClause[Any]] = [
 ]
 
 
-def _call_fenced(
-    fences: Sequence[Fence],
-    call: str,
-    bind: Callable[[list[Any]], Any],
-    values: Sequence[Any],
-) -> Any:
-    """``call`` (SQL naming ``o.*`` and ``:values``: ``bind`` makes that parameter from
-    the values in fence order, the task's at ``o.n``) for each task still held as its
-    fence says, in one statement; returns the keys it was called for (a missing key:
-    the task was lost)."""
-    order = sorted(
-        range(len(fences)), key=lambda i: (str(fences[i][0]), fences[i][1], fences[i][2])
-    )
+def _fenced_call(call: str, values: Any) -> Executable:
+    """A statement calling ``call`` (SQL naming ``o.*`` and ``:values``, the task's value
+    at ``o.n``) for each task still held as its fence says; it returns the keys it was
+    called for (a missing key: the task was lost)."""
     sql = f"""
 WITH {_OWNED}
 SELECT o.run_id, o.step_slug, o.task_index
@@ -131,41 +138,45 @@ FROM owned o
 CROSS JOIN LATERAL (SELECT count(*) FROM {call}) AS settled
 ORDER BY o.run_id, o.step_slug, o.task_index
 """
-    return (
-        text(sql)
-        .bindparams(*_fence_params(fences), bind([values[i] for i in order]))
-        .columns(*_SETTLED)
+    return text(sql).bindparams(*_FENCE_BINDS, values).columns(*_SETTLED)
+
+
+# outputs travel as one JSON array, so falsy values stay themselves
+_COMPLETE_FENCED = _fenced_call(
+    "pgflow.complete_task(o.run_id, o.step_slug, o.task_index, (:values) -> (o.n::int - 1))",
+    bindparam("values", type_=JSONB(none_as_null=False)),
+)
+_FAIL_FENCED = _fenced_call(
+    "pgflow.fail_task(o.run_id, o.step_slug, o.task_index, (:values)[o.n::int])",
+    bindparam("values", type_=ARRAY(Text())),
+)
+
+
+def _in_fence_order(fences: Sequence[Fence], values: Sequence[Any]) -> list[Any]:
+    order = sorted(
+        range(len(fences)), key=lambda i: (str(fences[i][0]), fences[i][1], fences[i][2])
     )
+    return [values[i] for i in order]
 
 
-def complete_fenced(fences: Sequence[Fence], outputs: Sequence[Any]) -> Any:
+def complete_fenced(fences: Sequence[Fence], outputs: Sequence[Any]) -> Query:
     """``pgflow.complete_task`` for each task still held as its fence says; returns the
-    keys it completed. Outputs travel as one JSON array, so falsy values stay
-    themselves."""
-    return _call_fenced(
-        fences,
-        "pgflow.complete_task(o.run_id, o.step_slug, o.task_index, (:values) -> (o.n::int - 1))",
-        lambda ordered: bindparam("values", ordered, type_=JSONB(none_as_null=False)),
-        outputs,
-    )
+    keys it completed."""
+    return _COMPLETE_FENCED, {
+        **_fence_params(fences),
+        "values": _in_fence_order(fences, outputs),
+    }
 
 
-def fail_fenced(fences: Sequence[Fence], messages: Sequence[str]) -> Any:
+def fail_fenced(fences: Sequence[Fence], messages: Sequence[str]) -> Query:
     """``pgflow.fail_task`` (retry or give up, as pgflow decides) for each task still
     held as its fence says; returns the keys it failed."""
-    return _call_fenced(
-        fences,
-        "pgflow.fail_task(o.run_id, o.step_slug, o.task_index, (:values)[o.n::int])",
-        lambda ordered: bindparam("values", ordered, type_=ARRAY(Text())),
-        messages,
-    )
+    return _FAIL_FENCED, {**_fence_params(fences), "values": _in_fence_order(fences, messages)}
 
 
-def hand_back_fenced(fences: Sequence[Fence], delay_seconds: int = 0) -> Any:
-    """Put tasks still held as their fences say back to ``queued`` without counting the
-    attempt, and make their messages visible after ``delay_seconds``; returns the keys
-    handed back."""
-    sql = f"""
+_HAND_BACK_FENCED = (
+    text(
+        f"""
 WITH {_OWNED},
 back AS (
     UPDATE pgflow.step_tasks st
@@ -182,17 +193,22 @@ CROSS JOIN LATERAL (
     WHERE b.message_id IS NOT NULL
 ) AS v
 """
-    return (
-        text(sql)
-        .bindparams(*_fence_params(fences), bindparam("delay", delay_seconds, type_=Integer()))
-        .columns(*_SETTLED)
     )
+    .bindparams(*_FENCE_BINDS, bindparam("delay", type_=Integer()))
+    .columns(*_SETTLED)
+)
 
 
-def settled_by(fences: Sequence[Fence]) -> Any:
-    """Of these tasks, those completed or failed by the attempt their fence names (a
-    final settle keeps last_worker_id and started_at)."""
-    sql = """
+def hand_back_fenced(fences: Sequence[Fence], delay_seconds: int = 0) -> Query:
+    """Put tasks still held as their fences say back to ``queued`` without counting the
+    attempt, and make their messages visible after ``delay_seconds``; returns the keys
+    handed back."""
+    return _HAND_BACK_FENCED, {**_fence_params(fences), "delay": delay_seconds}
+
+
+_SETTLED_BY = (
+    text(
+        """
 SELECT st.run_id, st.step_slug, st.task_index
 FROM unnest(:run_ids, :step_slugs, :task_indexes, :worker_ids, :started_ats)
      AS t(run_id, step_slug, task_index, worker_id, started_at)
@@ -201,15 +217,21 @@ JOIN pgflow.step_tasks st
 WHERE st.status IN ('completed', 'failed') AND st.last_worker_id = t.worker_id
   AND st.started_at = t.started_at
 """
-    return text(sql).bindparams(*_fence_params(fences)).columns(*_SETTLED)
+    )
+    .bindparams(*_FENCE_BINDS)
+    .columns(*_SETTLED)
+)
 
 
-def abandoned_tasks(flow_slugs: Sequence[str], margin_seconds: float, limit: int) -> Any:
-    """Started tasks of the given flows whose worker is gone: its ``pgflow.workers`` row
-    is missing, or has not heartbeaten for ``margin_seconds``. A live worker's task is
-    never listed, however long it runs. Rows are locked (SKIP LOCKED), so two
-    recovering workers never take the same task. Returns fences."""
-    sql = """
+def settled_by(fences: Sequence[Fence]) -> Query:
+    """Of these tasks, those completed or failed by the attempt their fence names (a
+    final settle keeps last_worker_id and started_at)."""
+    return _SETTLED_BY, _fence_params(fences)
+
+
+_ABANDONED_TASKS = (
+    text(
+        """
 SELECT st.run_id, st.step_slug, st.task_index, st.last_worker_id AS worker_id,
        st.started_at
 FROM pgflow.step_tasks st
@@ -221,19 +243,30 @@ ORDER BY st.run_id, st.step_slug, st.task_index
 LIMIT :limit
 FOR UPDATE OF st SKIP LOCKED
 """
-    return (
-        text(sql)
-        .bindparams(
-            bindparam("flow_slugs", list(flow_slugs), type_=ARRAY(Text())),
-            bindparam("margin", float(margin_seconds), type_=Float()),
-            bindparam("limit", limit, type_=Integer()),
-        )
-        .columns(
-            *_SETTLED,
-            column("worker_id", PG_UUID(as_uuid=True)),
-            column("started_at", TIMESTAMP(timezone=True)),
-        )
     )
+    .bindparams(
+        bindparam("flow_slugs", type_=ARRAY(Text())),
+        bindparam("margin", type_=Float()),
+        bindparam("limit", type_=Integer()),
+    )
+    .columns(
+        *_SETTLED,
+        column("worker_id", PG_UUID(as_uuid=True)),
+        column("started_at", TIMESTAMP(timezone=True)),
+    )
+)
+
+
+def abandoned_tasks(flow_slugs: Sequence[str], margin_seconds: float, limit: int) -> Query:
+    """Started tasks of the given flows whose worker is gone: its ``pgflow.workers`` row
+    is missing, or has not heartbeaten for ``margin_seconds``. A live worker's task is
+    never listed, however long it runs. Rows are locked (SKIP LOCKED), so two
+    recovering workers never take the same task. Returns fences."""
+    return _ABANDONED_TASKS, {
+        "flow_slugs": list(flow_slugs),
+        "margin": float(margin_seconds),
+        "limit": limit,
+    }
 
 
 def held_tasks(worker_ids: Sequence[uuid.UUID]) -> Any:
@@ -285,7 +318,12 @@ WITH msgs AS MATERIALIZED (
 )
 SELECT m.read_count,
        x.run_id, x.step_slug, x.input, x.msg_id, x.task_index, x.attempt, x.timeout,
-       now() AS started_at -- what start_tasks stamped: the transaction's start
+       now() AS started_at, -- what start_tasks stamped: the transaction's start
+       -- when the next message hidden now (a retry's or a start delay's, or one held by
+       -- a worker that may die) becomes visible: an idle worker sleeps until then
+       (SELECT q.vt FROM pgmq.{queue_table} q
+        WHERE q.msg_id <> ALL (ARRAY(SELECT msg_id FROM msgs))
+        ORDER BY q.vt LIMIT 1) AS next_visible_at
 FROM (SELECT count(*) AS read_count FROM msgs) AS m
 LEFT JOIN (
     -- The reads below use the statement's snapshot, taken before pgmq.read and
@@ -307,20 +345,19 @@ LEFT JOIN (
 """
 
 
-def claim(queue: str, vt_margin: int, qty: int, worker_id: uuid.UUID) -> Any:
-    """Read up to ``qty`` messages and start their tasks in one statement (one round
-    trip, atomic without a transaction block). The messages stay hidden for the
-    flow's longest step timeout plus ``vt_margin`` seconds. Rows: read_count, and per
-    claimed task run_id, step_slug, input, msg_id, task_index, attempt (for display:
-    read before start_tasks counted it), the step's timeout as it is now and the
-    started_at that start_tasks stamped (the fence); one row of nulls when nothing was claimed."""
+@functools.cache
+def _claim_statement(queue: str) -> Executable:
+    from ..dsl import is_safe_slug
+
+    if not is_safe_slug(queue):
+        raise ValueError(f"not a pgflow queue name: {queue!r}")
     return (
-        text(_CLAIM_SQL)
+        text(_CLAIM_SQL.replace("{queue_table}", f"q_{queue.lower()}"))
         .bindparams(
-            bindparam("queue", queue, type_=Text()),
-            bindparam("vt_margin", vt_margin, type_=Integer()),
-            bindparam("qty", qty, type_=Integer()),
-            bindparam("worker_id", worker_id, type_=PG_UUID(as_uuid=True)),
+            bindparam("queue", type_=Text()),
+            bindparam("vt_margin", type_=Integer()),
+            bindparam("qty", type_=Integer()),
+            bindparam("worker_id", type_=PG_UUID(as_uuid=True)),
         )
         .columns(
             column("read_count", BigInteger()),
@@ -332,8 +369,26 @@ def claim(queue: str, vt_margin: int, qty: int, worker_id: uuid.UUID) -> Any:
             column("attempt", Integer()),
             column("timeout", Integer()),
             column("started_at", TIMESTAMP(timezone=True)),
+            column("next_visible_at", TIMESTAMP(timezone=True)),
         )
     )
+
+
+def claim(queue: str, vt_margin: int, qty: int, worker_id: uuid.UUID) -> Query:
+    """Read up to ``qty`` messages and start their tasks in one statement (one round
+    trip, atomic without a transaction block). The messages stay hidden for the
+    flow's longest step timeout plus ``vt_margin`` seconds. Rows: read_count, and per
+    claimed task run_id, step_slug, input, msg_id, task_index, attempt (for display:
+    read before start_tasks counted it), the step's timeout as it is now and the
+    started_at that start_tasks stamped (the fence), and when the next message hidden
+    now becomes visible (null: none); one row of nulls but the last two when nothing
+    was claimed."""
+    return _claim_statement(queue), {
+        "queue": queue,
+        "vt_margin": vt_margin,
+        "qty": qty,
+        "worker_id": worker_id,
+    }
 
 
 def read_run_messages(queue: str, run_id: uuid.UUID, qty: int = 1000) -> Any:

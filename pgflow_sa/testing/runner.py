@@ -18,6 +18,7 @@ from ..config import async_engine_from_url, to_sqlalchemy_url
 from ..dsl import Flow
 from ..exceptions import PgflowSaError
 from ..models import Run
+from ..pooler import psycopg_connect_args
 from ..schema import functions as fn
 from ..schema import worker_queries
 from ..worker.execute import FlowInputs, Sessions, TaskRunner
@@ -92,7 +93,10 @@ class _Sessions:
 
     def sync_session(self) -> Session:
         if self._sync is None:
-            self._sync = create_engine(to_sqlalchemy_url(self.engine.url, "psycopg"))
+            self._sync = create_engine(
+                to_sqlalchemy_url(self.engine.url, "psycopg"),
+                connect_args=psycopg_connect_args(),
+            )
         return Session(self._sync)
 
     def async_session(self) -> AsyncSession:

@@ -14,9 +14,11 @@ from collections.abc import Awaitable, Callable
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .. import events
+from .._aio import first_of, together
 from .._backoff import Backoff
 from .._db import DB_ERRORS, ErrorKind, classify, first_line, sqlstate
 from ..dsl import Flow
+from ..pooler import autocommit
 from ..schema import worker_queries
 from ..schema.rows import StepTaskRecord
 from .settings import WorkerSettings
@@ -24,6 +26,8 @@ from .task import ClaimedTask
 
 logger = logging.getLogger("pgflow_sa.worker")
 
+#: claims of one flow that may be in flight at once
+LANES = 2
 #: SQLSTATE of a foreign key violation: start_tasks names a worker row that is gone
 _FOREIGN_KEY_VIOLATION = "23503"
 
@@ -83,7 +87,7 @@ class Poller:
         self.flow = flow
         self.worker_id = worker_id
         self.wake = asyncio.Event()
-        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._engine = autocommit(engine)
         self._settings = settings
         self._budget = budget
         self._launch = launch
@@ -95,10 +99,21 @@ class Poller:
         self.deprecated = False
 
     async def run(self, stopping: asyncio.Event) -> None:
+        """Claim until stopped or deprecated, in LANES lanes: a wake-up that arrives
+        while one lane is reading starts a claim in another at once."""
+        await together(*(self._lane(stopping, polls=i == 0) for i in range(LANES)))
+
+    async def _lane(self, stopping: asyncio.Event, polls: bool) -> None:
+        """One lane. The lane that ``polls`` claims at once and then whenever woken or
+        its poll interval is over; the others only when woken."""
         backoff = Backoff(self._settings.max_backoff)
+        wait: float | None = 0.0 if polls else None
         while not stopping.is_set() and not self.deprecated:
+            if wait != 0.0:
+                await self._woken(stopping, wait)
+            wait = None
             if not self._room.is_set():  # completions to write first
-                await _either(self._room, stopping)
+                await first_of(self._room, stopping)
             qty = await self._budget.take(self._settings.batch_size)
             if qty == 0 or self.deprecated or stopping.is_set():
                 self._budget.give(qty)
@@ -108,10 +123,11 @@ class Poller:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self.in_flight.add(done)
             try:
-                claimed, read = await self._claim(qty)
+                claimed, read, visible_in = await self._claim(qty)
             except DB_ERRORS as exc:
                 self._budget.give(qty)
                 await self._after_error(exc, backoff, stopping)
+                wait = 0.0 if polls else None
                 continue
             finally:
                 self.in_flight.discard(done)
@@ -125,14 +141,38 @@ class Poller:
                 requested=qty,
             )
             if read >= qty:
-                continue  # a full batch: there may be more waiting
-            interval = (
-                self._settings.poll_interval
-                if self._notified()
-                else self._settings.fallback_poll_interval
+                wait = 0.0  # a full batch: there may be more waiting
+            elif polls:
+                wait = self._idle_interval(visible_in)
+
+    def _idle_interval(self, visible_in: float | None) -> float:
+        interval = (
+            self._settings.poll_interval
+            if self._notified()
+            else self._settings.fallback_poll_interval
+        )
+        if visible_in is not None:
+            # no notification says when a hidden message (a retry's, a start delay's)
+            # becomes visible: read again then. One visible already was locked by
+            # another worker's read, which is taking it
+            interval = min(
+                interval,
+                visible_in if visible_in > 0 else self._settings.fallback_poll_interval,
             )
+        return interval
+
+    async def _woken(self, stopping: asyncio.Event, timeout: float | None) -> None:
+        """Until a wake-up (taken, so that one wake-up starts one claim), the stop, or
+        ``timeout`` seconds (None: no limit)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not self.wake.is_set() and not stopping.is_set():
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), interval)  # set on stop too
+                await asyncio.wait_for(first_of(self.wake, stopping), remaining)
+        self.wake.clear()
 
     async def _after_error(
         self, exc: BaseException, backoff: Backoff, stopping: asyncio.Event
@@ -159,14 +199,15 @@ class Poller:
             delay,
         )
 
-    async def _claim(self, qty: int) -> tuple[list[ClaimedTask], int]:
+    async def _claim(self, qty: int) -> tuple[list[ClaimedTask], int, float | None]:
         """One round trip (see worker_queries.claim); every claimed task is launched
-        before this returns."""
+        before this returns. (claimed, messages read, seconds until the next hidden
+        message becomes visible or None)."""
         statement = worker_queries.claim(
             self.flow.slug, self._settings.visibility_timeout, qty, self.worker_id
         )
-        async with self._engine.connect() as conn:
-            rows = (await conn.execute(statement)).all()
+        async with self._engine.begin() as conn:
+            rows = (await conn.execute(*statement)).all()
         claimed = [
             ClaimedTask(
                 flow=self.flow,
@@ -184,13 +225,11 @@ class Poller:
         ]
         for task in claimed:
             self._launch(task)
-        return claimed, rows[0].read_count if rows else 0
-
-
-async def _either(first: asyncio.Event, second: asyncio.Event) -> None:
-    waiters = [asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
+        if not rows:
+            return claimed, 0, None
+        first = rows[0]
+        visible_in = None
+        if first.next_visible_at is not None:
+            # both times are the database's: no clock skew
+            visible_in = (first.next_visible_at - first.started_at).total_seconds()
+        return claimed, first.read_count, visible_in

@@ -90,7 +90,7 @@ def complete_in_session(session: Session, fence: Fence, output: Any) -> bool:
     is still held as ``fence`` says: the handler's writes and the completion land
     together, or neither does. False: the task was lost (everything rolled back)."""
     try:
-        held = session.execute(worker_queries.complete_fenced([fence], [output])).first()
+        held = session.execute(*worker_queries.complete_fenced([fence], [output])).first()
         if held is None:
             session.rollback()
             return False
@@ -103,7 +103,7 @@ def complete_in_session(session: Session, fence: Fence, output: Any) -> bool:
 async def complete_in_async_session(session: AsyncSession, fence: Fence, output: Any) -> bool:
     """:func:`complete_in_session` for ``ctx.async_session``."""
     try:
-        held = (await session.execute(worker_queries.complete_fenced([fence], [output]))).first()
+        held = (await session.execute(*worker_queries.complete_fenced([fence], [output]))).first()
         if held is None:
             await session.rollback()
             return False

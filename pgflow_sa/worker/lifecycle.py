@@ -179,7 +179,7 @@ class Lifecycle:
         async with self._engine.begin() as conn:
             rows = (
                 await conn.execute(
-                    worker_queries.abandoned_tasks(list(self._worker_ids), margin, 100)
+                    *worker_queries.abandoned_tasks(list(self._worker_ids), margin, 100)
                 )
             ).all()
             if rows:
@@ -191,7 +191,7 @@ class Lifecycle:
                     "(killed, or cut off from the database)"
                 )
                 done = (
-                    await conn.execute(worker_queries.fail_fenced(fences, [message] * len(fences)))
+                    await conn.execute(*worker_queries.fail_fenced(fences, [message] * len(fences)))
                 ).all()
                 count = len(done)
         if count:
@@ -229,7 +229,7 @@ class Lifecycle:
         if not fences:
             return 0
         async with self._engine.begin() as conn:
-            count = len((await conn.execute(worker_queries.hand_back_fenced(fences))).all())
+            count = len((await conn.execute(*worker_queries.hand_back_fenced(fences))).all())
         if count:
             self.adopted += count
             logger.warning(

@@ -26,6 +26,7 @@ from .._backoff import Backoff
 from ..config import async_engine_from_url, to_sqlalchemy_url
 from ..dsl import Flow
 from ..exceptions import ConfigurationError
+from ..pooler import listen_url, psycopg_connect_args, transaction_pooling
 from ..registry import FlowRegistry
 from .claim import Budget, Poller
 from .execute import FlowInputs, Sessions, TaskRunner
@@ -46,6 +47,8 @@ CLOSE_GRACE = 1.0
 APPLICATION_NAME = "pgflow-sa worker"
 #: seconds to wait for a new connection (asyncpg's default is 60)
 CONNECT_TIMEOUT = 10
+#: heartbeats without a task after which an idle worker closes its spare connections
+IDLE_HEARTBEATS = 2
 
 
 class Worker:
@@ -79,14 +82,31 @@ class Worker:
         url = database_url if database_url is not None else engine.url  # type: ignore[union-attr]
         #: the protocol connections (claims, settles, heartbeats): never shared with
         #: handlers, so handlers holding sessions cannot starve them
-        self.engine = self._worker_engine(url, 3, 3 + len(self.registry))
+        #: behind a pooler in transaction mode: no session settings, LISTEN elsewhere
+        self._pooled = transaction_pooling()
+        self.engine = self._worker_engine(
+            url,
+            3,
+            3 + len(self.registry),
+            {"enable_bitmapscan": "on" if self.settings.enable_bitmapscan else "off"},
+        )
         self._own_engines: list[AsyncEngine | Engine] = [self.engine]
+        #: where the worker LISTENs (None: it polls)
+        self._listen_engine: AsyncEngine | None = self.engine
+        if self._pooled:
+            direct = listen_url()
+            self._listen_engine = None
+            if direct is not None:
+                self._listen_engine = self._worker_engine(direct, 1, 0)
+                self._own_engines.append(self._listen_engine)
         self._async_engine = engine if isinstance(engine, AsyncEngine) else None
         self._sync_engine = sync_engine or (engine if isinstance(engine, Engine) else None)
         self.worker_ids = {flow.slug: uuid.uuid4() for flow in self.registry}
         self.settler = Settler(self.engine, self.settings.max_backoff, lambda: self._give_up_at)
         self.lifecycle = Lifecycle(self.engine, self.registry, self.worker_ids, self.settings, name)
         self._give_up_at: float | None = None
+        #: when a task last ran (an idle worker closes its spare connections)
+        self._last_busy = time.monotonic()
         self._tasks: dict[TaskKey, tuple[ClaimedTask, asyncio.Task[None]]] = {}
         self._pollers: dict[str, Poller] = {}
         self._stopping: asyncio.Event | None = None
@@ -96,22 +116,22 @@ class Worker:
         self.budget: Budget | None = None
         self.ready: asyncio.Event | None = None  # set once serving (created by run())
 
-    def _worker_engine(self, url: str | URL, size: int, overflow: int) -> AsyncEngine:
+    def _worker_engine(
+        self, url: str | URL, size: int, overflow: int, server: dict[str, str] | None = None
+    ) -> AsyncEngine:
         """An asyncpg engine of the worker's own, with the plan cache mode and the
-        connection lifetime of the settings. The URL's ``application_name`` and
-        ``connect_timeout``, when it has them, win over the worker's."""
+        connection lifetime of the settings (and ``server`` settings). The URL's
+        ``application_name`` and ``connect_timeout``, when it has them, win over the
+        worker's."""
+        settings = {"application_name": APPLICATION_NAME}
+        if not self._pooled:  # a pooler would refuse them, or pass them to others
+            settings.update(plan_cache_mode=self.settings.plan_cache_mode, **(server or {}))
         return async_engine_from_url(
             url,
             pool_size=size,
             max_overflow=overflow,
             pool_recycle=self.settings.connection_lifetime or -1,
-            connect_args={
-                "timeout": CONNECT_TIMEOUT,
-                "server_settings": {
-                    "plan_cache_mode": self.settings.plan_cache_mode,
-                    "application_name": APPLICATION_NAME,
-                },
-            },
+            connect_args={"timeout": CONNECT_TIMEOUT, "server_settings": settings},
         )
 
     @property
@@ -134,7 +154,10 @@ class Worker:
                 pool_size=slots,
                 max_overflow=slots,
                 pool_recycle=self.settings.connection_lifetime or -1,
-                connect_args={"fallback_application_name": APPLICATION_NAME},
+                connect_args={
+                    "fallback_application_name": APPLICATION_NAME,
+                    **psycopg_connect_args(),
+                },
             )
             self._own_engines.append(self._sync_engine)
         return self._sync_engine
@@ -186,7 +209,9 @@ class Worker:
             ),
             FlowInputs(self.engine),
         )
-        listener = Listener(self.engine, self.worker_ids, self._wake_all, self._wake_flow)
+        listener = Listener(
+            self._listen_engine or self.engine, self.worker_ids, self._wake_all, self._wake_flow
+        )
         started_at = time.monotonic()
         reason = "stopped"
         background: list[asyncio.Task[None]] = []
@@ -194,7 +219,7 @@ class Worker:
             if not await self.lifecycle.start(stopping):
                 logger.info("stopped while starting up")
                 return
-            if self.settings.use_notifications:
+            if self.settings.use_notifications and self._listen_engine is not None:
                 await listener.ensure()
             events.emit(
                 "worker.start",
@@ -289,17 +314,23 @@ class Worker:
             if not released:
                 released = True
                 budget.give(1)
-                self._wake_all()  # a finished handler often means a next step queued
 
         future = asyncio.create_task(self._runner.run(task, release))
         self._tasks[task.key] = (task, future)
+        self._last_busy = time.monotonic()
 
         def done(f: asyncio.Task[None]) -> None:
             entry = self._tasks.get(task.key)
             if entry is not None and entry[0] is task:
                 del self._tasks[task.key]
+            self._last_busy = time.monotonic()
             if not f.cancelled() and f.exception() is not None:
                 logger.error("running %s failed", task.describe(), exc_info=f.exception())
+            elif task.state is TaskState.SETTLED:
+                # its completion has committed (the steps that depend on it may be queued
+                # now) or its failure (a retry may be due sooner than the poller knows):
+                # poll at once rather than wait for a notification
+                self._wake_flow(task.flow.slug)
 
         future.add_done_callback(done)
 
@@ -319,10 +350,27 @@ class Worker:
                     poller.wake.set()
             if self._pollers and all(p.deprecated for p in self._pollers.values()):
                 stopping.set()
+            await self._close_spare_connections()
 
         await keep_trying(
             "heartbeat", beat, self.settings.heartbeat_interval, Backoff(self.settings.max_backoff)
         )
+
+    async def _close_spare_connections(self) -> None:
+        """An idle worker holds two connections: the listener's, and one in its pool
+        for polls and heartbeats. Claims and completions written at once open more
+        while it is busy; once no task has run for IDLE_HEARTBEATS heartbeats, those
+        idle in the pool are closed: the pool's own dispose, run while holding one
+        connection, which it keeps (connections in use, the listener's among them,
+        carry on and come back to the same pool)."""
+        idle_for = time.monotonic() - self._last_busy
+        if self._tasks or idle_for < IDLE_HEARTBEATS * self.settings.heartbeat_interval:
+            return
+        checkedin = getattr(self.engine.pool, "checkedin", lambda: 0)
+        if checkedin() > 1:
+            logger.debug("idle: closing %d spare connection(s)", checkedin() - 1)
+            async with self.engine.connect() as conn:
+                await conn.run_sync(lambda sync: sync.engine.pool.dispose())
 
     async def _recovery(self) -> None:
         async def recover() -> None:

@@ -23,8 +23,9 @@ class WorkerSettings:
     #: a claimed message stays hidden for the flow's longest step timeout (as it is when
     #: claimed) plus this many seconds
     visibility_timeout: int = 2
-    #: seconds between reads of an idle queue when woken by notifications
-    poll_interval: float = 1.0
+    #: most seconds between reads of an idle queue when notifications wake the worker
+    #: (it also reads when the next hidden message, a retry or a start delay, is due)
+    poll_interval: float = 5.0
     #: seconds between reads of an idle queue when no notifications arrive
     fallback_poll_interval: float = 0.2
     #: seconds in-flight tasks get to finish after a stop request; the rest are handed back
@@ -45,6 +46,12 @@ class WorkerSettings:
     #: which connection_lifetime bounds; "force_custom_plan" plans every call for the
     #: table sizes at hand, at two to three times the cost of each complete_task.
     plan_cache_mode: str = "auto"
+    #: enable_bitmapscan of the worker's protocol connections (not its handlers'
+    #: sessions). pgflow's start_tasks finds a claim's tasks by message id; without
+    #: fresh statistics (autovacuum off, or behind a fast-growing backlog) PostgreSQL
+    #: may instead AND two bitmap indexes that match every queued task, and each claim
+    #: then costs O(backlog) (56 ms instead of 4 with 200,000 runs waiting)
+    enable_bitmapscan: bool = False
     #: seconds after which the worker's own connections are replaced (0: never)
     connection_lifetime: float = 3600.0
 

@@ -1,0 +1,77 @@
+"""Running behind a connection pooler in transaction mode (PgBouncer's
+``pool_mode = transaction``): each transaction may run on another server
+connection, so nothing that lives in a session works through it — prepared
+statements kept from one transaction to the next, session settings, LISTEN.
+
+``PGFLOW_SA_POOLER=transaction`` says that the database URL goes through such a
+pooler. Then:
+
+- asyncpg engines pgflow-sa makes (``async_engine_from_url``, the worker's) keep no
+  prepared statements (``statement_cache_size=0``) and prepare each statement under a
+  name of its own, so two statements never meet on one server connection; psycopg
+  engines it makes never prepare (``prepare_threshold=None``);
+- the worker sends no session settings (``plan_cache_mode``,
+  ``enable_bitmapscan``): set them on its role instead;
+- LISTEN goes to ``PGFLOW_SA_LISTEN_URL``, a direct connection to the server, when
+  it is set; without it the worker polls every ``fallback_poll_interval`` and waits
+  poll once a second.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .exceptions import ConfigurationError
+
+POOLER_ENV = "PGFLOW_SA_POOLER"
+LISTEN_URL_ENV = "PGFLOW_SA_LISTEN_URL"
+_MODES = ("", "none", "session", "transaction")
+
+
+def transaction_pooling() -> bool:
+    """Whether the database URL goes through a pooler in transaction mode."""
+    mode = os.environ.get(POOLER_ENV, "").strip().lower()
+    if mode not in _MODES:
+        raise ConfigurationError(
+            f"{POOLER_ENV}={mode!r} is not a pooler mode: use 'transaction' for a pooler "
+            "in transaction mode (PgBouncer's pool_mode = transaction), or leave it unset"
+        )
+    return mode == "transaction"
+
+
+def listen_url() -> str | None:
+    """The direct URL to LISTEN on when the database URL goes through a pooler."""
+    return os.environ.get(LISTEN_URL_ENV, "").strip() or None
+
+
+def _statement_name() -> str:
+    return f"__pgflow_sa_{uuid.uuid4().hex}__"
+
+
+def asyncpg_connect_args() -> dict[str, Any]:
+    """connect_args for SQLAlchemy's asyncpg dialect behind a transaction pooler."""
+    return {
+        "statement_cache_size": 0,  # asyncpg's own cache
+        "prepared_statement_cache_size": 0,  # SQLAlchemy's
+        "prepared_statement_name_func": _statement_name,
+    }
+
+
+def psycopg_connect_args() -> dict[str, Any]:
+    """connect_args for psycopg engines: none, or never prepare behind a pooler."""
+    return {"prepare_threshold": None} if transaction_pooling() else {}
+
+
+def autocommit(engine: AsyncEngine) -> AsyncEngine:
+    """``engine`` for single statements, each committed on its own (use it with
+    ``begin()``): AUTOCOMMIT, which spares the BEGIN and COMMIT round trips; but
+    behind a transaction pooler a real transaction, since asyncpg prepares and then
+    executes a statement in two exchanges that the pooler could otherwise send to two
+    server connections."""
+    if transaction_pooling():
+        return engine
+    return engine.execution_options(isolation_level="AUTOCOMMIT")

@@ -1,0 +1,108 @@
+"""What an idle worker does: the connections it holds, and when it reads its queues."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import psycopg
+
+from pgflow_sa import Context, Flow, start_flow_and_wait_async, start_flows_async
+from pgflow_sa.config import async_engine_from_url
+from pgflow_sa.worker import WorkerSettings
+
+from .worker_harness import deploy, running_worker
+
+busy = Flow("conn_busy")
+
+
+@busy.map
+async def item(value: Any, ctx: Context) -> int:
+    await asyncio.sleep(0.01)
+    return int(value)
+
+
+@busy.step(depends_on=[item])
+async def total(values: Any, ctx: Context) -> int:
+    return sum(values["item"])
+
+
+SETTINGS = WorkerSettings(
+    max_concurrency=20,
+    poll_interval=0.5,
+    fallback_poll_interval=0.05,
+    heartbeat_interval=0.2,
+    recovery_interval=0.2,
+    shutdown_timeout=5,
+)
+
+
+def _worker_connections(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'pgflow-sa worker'"
+        ).fetchone()[0]
+
+
+async def test_an_idle_worker_holds_at_most_two_connections(db_url: str) -> None:
+    """One to listen, one for polls and heartbeats; the ones it opened while busy
+    (claims and completions at once) are closed once it has been idle for two
+    heartbeats."""
+    deploy(db_url, busy)
+    async with running_worker(busy, db_url, settings=SETTINGS) as worker:
+        engine = async_engine_from_url(db_url)
+        try:
+            async with engine.begin() as conn:
+                await start_flows_async(conn, busy, [list(range(30)) for _ in range(20)])
+        finally:
+            await engine.dispose()
+        deadline = time.monotonic() + 60
+        busiest = 0
+        while worker.completed < 20 * 31 and time.monotonic() < deadline:
+            busiest = max(busiest, _worker_connections(db_url))
+            await asyncio.sleep(0.05)
+        assert worker.completed == 20 * 31
+        assert busiest > 2, "the worker was never busy enough to open spare connections"
+        samples = []
+        for _ in range(40):  # 2 s: ten heartbeats
+            await asyncio.sleep(0.05)
+            samples.append(_worker_connections(db_url))
+        # a heartbeat meeting a poll or a recovery check uses a second pool connection
+        # for a moment: closed again at the next heartbeat
+        settled = sorted(samples[-20:])
+        assert settled[len(settled) // 2] <= 2, samples
+        assert settled[-1] <= 3, samples
+
+
+retried = Flow("idle_retried", max_attempts=2, base_delay=1)
+attempts: list[float] = []
+
+
+@retried.step
+async def flaky(input: Any, ctx: Context) -> str:
+    attempts.append(time.monotonic())
+    if ctx.attempt == 1:
+        raise RuntimeError("first attempt fails")
+    return "ok"
+
+
+async def test_a_retry_is_read_when_it_is_due_not_at_the_next_idle_poll(db_url: str) -> None:
+    """No notification says when a retry's delay is over: the worker reads its queue
+    when the next hidden message becomes visible (here after 1 s), however long its
+    idle poll interval (here 60 s)."""
+    deploy(db_url, retried)
+    attempts.clear()
+    settings = WorkerSettings(
+        poll_interval=60, heartbeat_interval=0.5, recovery_interval=5, shutdown_timeout=5
+    )
+    engine = async_engine_from_url(db_url)
+    try:
+        async with running_worker(retried, db_url, settings=settings):
+            run = await start_flow_and_wait_async(engine, retried, {}, timeout=20)
+    finally:
+        await engine.dispose()
+    assert run.output == {"flaky": "ok"}
+    assert len(attempts) == 2
+    assert 0.9 < attempts[1] - attempts[0] < 10, attempts
