@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from typing import Any
 
@@ -38,12 +39,16 @@ SETTINGS = WorkerSettings(
 )
 
 
-def _worker_connections(url: str) -> int:
+def _worker_connections(url: str) -> list[int]:
+    """Backend pids of the worker's connections."""
     with psycopg.connect(url) as conn:
-        return conn.execute(
-            "SELECT count(*) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND application_name = 'pgflow-sa worker'"
-        ).fetchone()[0]
+        return [
+            row[0]
+            for row in conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = 'pgflow-sa worker'"
+            )
+        ]
 
 
 async def test_an_idle_worker_holds_at_most_two_connections(db_url: str) -> None:
@@ -61,19 +66,20 @@ async def test_an_idle_worker_holds_at_most_two_connections(db_url: str) -> None
         deadline = time.monotonic() + 60
         busiest = 0
         while worker.completed < 20 * 31 and time.monotonic() < deadline:
-            busiest = max(busiest, _worker_connections(db_url))
+            busiest = max(busiest, len(_worker_connections(db_url)))
             await asyncio.sleep(0.05)
         assert worker.completed == 20 * 31
         assert busiest > 2, "the worker was never busy enough to open spare connections"
+        await asyncio.sleep(1)  # two heartbeats without a task, then one closes them
         samples = []
         for _ in range(40):  # 2 s: ten heartbeats
             await asyncio.sleep(0.05)
             samples.append(_worker_connections(db_url))
-        # a heartbeat meeting a poll or a recovery check uses a second pool connection
-        # for a moment: closed again at the next heartbeat
-        settled = sorted(samples[-20:])
-        assert settled[len(settled) // 2] <= 2, samples
-        assert settled[-1] <= 3, samples
+        # held: seen in most samples. A heartbeat meeting a poll opens another pool
+        # connection for a moment, which the next heartbeat closes
+        seen = collections.Counter(pid for sample in samples for pid in sample)
+        held = [pid for pid, count in seen.items() if count >= 0.75 * len(samples)]
+        assert len(held) <= 2, samples
 
 
 retried = Flow("idle_retried", max_attempts=2, base_delay=1)
