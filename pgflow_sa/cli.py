@@ -662,17 +662,26 @@ def dashboard(host: str, port: int, hide_payloads: bool, database_url: str | Non
     dashboard extra: pip install 'pgflow-sa[dashboard]'."""
     from .dashboard import dashboard_app
 
-    url = _database_url(database_url)
-    app = dashboard_app(url, show_payloads=not hide_payloads)
     try:
         import uvicorn  # installed with the dashboard extra, like Starlette
     except ImportError as exc:
         raise DashboardUnavailableError(
             "pgflow-sa dashboard needs uvicorn: pip install 'pgflow-sa[dashboard]'"
         ) from exc
+    url = _database_url(database_url)
+
+    async def serve() -> None:
+        # an engine of our own with a pool, closed in the loop that opened its connections
+        engine = async_engine_from_url(url, pool_size=2, max_overflow=8)
+        app = dashboard_app(engine, show_payloads=not hide_payloads)
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        try:
+            await server.serve()
+        finally:
+            await engine.dispose()
 
     click.echo(f"pgflow-sa dashboard of {mask_password(url)} at http://{host}:{port}/", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    _run_to_the_end(serve())
 
 
 def main() -> None:
