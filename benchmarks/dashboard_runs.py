@@ -1,7 +1,8 @@
 """Dashboard runs page with 100,000 runs: milliseconds per page (served by uvicorn,
 fetched over HTTP) against a baseline in the same run, the workers page (a tiny
 page: the cost of HTTP, templates and one small query), and the runs page's query
-alone against a primary-key lookup of one run.
+alone against a primary-key lookup of one run; first with the index pgflow-sa's
+installer adds (pgflow_sa.schema.indexes), then, in the same run, without it.
 
     python benchmarks/dashboard_runs.py [--database-url URL] [--runs N] [--requests K] [--explain]
 
@@ -39,6 +40,7 @@ from pgflow_sa import deploy_flows, install_schema
 from pgflow_sa.client import _page_query
 from pgflow_sa.config import async_engine_from_url, to_sqlalchemy_url
 from pgflow_sa.dashboard import dashboard_app
+from pgflow_sa.schema.indexes import RUNS_BY_START
 
 POPULATE = """
 INSERT INTO pgflow.runs (flow_slug, status, input, remaining_steps, started_at,
@@ -105,6 +107,33 @@ def _literal(query: Any) -> str:
     return str(query.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
 
 
+def _measure(
+    base: str,
+    conn: psycopg.Connection[Any],
+    pages: dict[str, dict[str, str]],
+    one_run: float,
+    args: argparse.Namespace,
+) -> None:
+    baseline = _ms(base + "/workers", args.requests)
+    print(f"  baseline: workers page {baseline:.1f} ms; a primary-key lookup {one_run:.2f} ms")
+    for label, params in pages.items():
+        query_string = urllib.parse.urlencode(params)
+        page_ms = _ms(f"{base}/runs?{query_string}", args.requests)
+        sql = _literal(
+            _page_query(
+                params.get("flow"), params.get("status"), None, None, params.get("after"), 50
+            )
+        )
+        query_ms = _sql_ms(conn, sql, args.requests)
+        print(
+            f"  runs page, {label}: {page_ms:.1f} ms = {page_ms / baseline:.2f}x the workers "
+            f"page; its query {query_ms:.2f} ms = {query_ms / one_run:.1f}x the lookup"
+        )
+        if args.explain:
+            for (line,) in conn.execute("EXPLAIN (ANALYZE, COSTS OFF) " + sql):
+                print("      " + line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -152,34 +181,16 @@ def main() -> None:
                 "flow + status": {"flow": "bench_chain", "status": "failed"},
                 "middle (keyset)": {"after": cursor},
             }
-            baseline = _ms(base + "/workers", args.requests)
-            print(f"runs page with {args.runs:,} runs ({args.requests} requests each, median):")
-            print(f"  baseline: workers page {baseline:.1f} ms")
             one_run = _sql_ms(
                 conn, f"SELECT * FROM pgflow.runs WHERE run_id = '{middle[1]}'", args.requests
             )
-            for label, params in pages.items():
-                query_string = urllib.parse.urlencode(params)
-                page_ms = _ms(f"{base}/runs?{query_string}", args.requests)
-                sql = _literal(
-                    _page_query(
-                        params.get("flow"),
-                        params.get("status"),
-                        None,
-                        None,
-                        params.get("after"),
-                        50,
-                    )
-                )
-                query_ms = _sql_ms(conn, sql, args.requests)
-                print(
-                    f"  runs page, {label}: {page_ms:.1f} ms ({page_ms / baseline:.2f}x the "
-                    f"workers page); its query {query_ms:.2f} ms ({query_ms / one_run:.1f}x a "
-                    f"primary-key lookup, {one_run:.2f} ms)"
-                )
-                if args.explain:
-                    for (line,) in conn.execute("EXPLAIN (ANALYZE, COSTS OFF) " + sql):
-                        print("      " + line)
+            print(f"runs page with {args.runs:,} runs ({args.requests} requests each, median)")
+            for phase in ("with", "without"):
+                if phase == "without":
+                    conn.execute(f"DROP INDEX pgflow.{RUNS_BY_START}")
+                    conn.execute("ANALYZE pgflow.runs")
+                print(f"{phase} pgflow-sa's index {RUNS_BY_START}:")
+                _measure(base, conn, pages, one_run, args)
     finally:
         web.should_exit = True
         thread.join(10)

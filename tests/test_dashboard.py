@@ -30,13 +30,18 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
+from sqlalchemy.dialects import postgresql
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 from werkzeug.serving import make_server
 
-from pgflow_sa import Flow, deploy_flows, start_flow, to_sqlalchemy_url
+from pgflow_sa import Flow, deploy_flows, install_schema, start_flow, to_sqlalchemy_url
 from pgflow_sa._db import sync_engine
+from pgflow_sa.client import _page_query
 from pgflow_sa.dashboard import dashboard_app
 from pgflow_sa.dashboard.dag import StepNode, render_dag
+from pgflow_sa.schema import indexes
+from pgflow_sa.schema.indexes import RUNS_BY_START
+from pgflow_sa.schema.installer import install_script
 from pgflow_sa.testing.plugin import DatabaseFactory
 
 from .worker_harness import running_worker
@@ -506,3 +511,23 @@ def test_dag_layout_is_pure_svg() -> None:
     assert '<g class="step map s-started" data-step="b">' in svg
     assert '<g class="step" data-step="c">' in svg  # no status: no colour
     assert "d&lt;&amp;&gt;" in svg and "d<&>" not in svg
+
+
+def test_installer_indexes_runs_newest_first(db_url: str) -> None:
+    """pgflow 0.8.1 has no index for runs newest first: the runs page scanned and
+    sorted every run. The installer adds one (and says so when it was missing)."""
+    name = f"pgflow.{RUNS_BY_START}"
+    assert _sql(db_url, "SELECT to_regclass(%s) IS NOT NULL", name) == [(True,)]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(f"DROP INDEX {name}")
+    report = install_schema(db_url)
+    assert f"pgflow-sa: index {name} (runs newest first)" in report.actions
+    assert _sql(db_url, "SELECT to_regclass(%s) IS NOT NULL", name) == [(True,)]
+    assert install_schema(db_url).actions == []  # once is enough
+    query = _page_query(None, None, None, None, None, 50)
+    sql = str(query.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(row[0] for row in conn.execute("EXPLAIN " + sql))
+    assert RUNS_BY_START in plan and "Sort" not in plan.split("SubPlan")[0], plan
+    assert indexes.SCRIPT in install_script(pgmq=None, realtime_send=False)  # Alembic's path
