@@ -10,7 +10,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..client import flow_status_async, get_run_async, list_runs_async
+from ..client import get_run_async, list_runs_async
 from ..config import async_engine_from_url
 from ..exceptions import InvalidInputError, PgflowSaError
 from ..models import RunStatus
@@ -34,7 +34,16 @@ from ..schema import tables
 from ..waiting import watch_run
 from . import actions, views
 from .dag import render_dag
-from .queries import flow_infos, flow_structure, recent_workers
+from .queries import (
+    FlowCounts,
+    flow_counts,
+    flow_infos,
+    flow_structure,
+    queue_lengths,
+    recent_workers,
+    run_counts,
+    worker_counts,
+)
 
 logger = logging.getLogger("pgflow_sa.dashboard")
 
@@ -43,7 +52,7 @@ PAGE_SIZE = 50
 #: a run page's event stream re-reads the run at least this often (seconds), even
 #: when no notification comes (notifications are hints and can be lost)
 SAFETY_INTERVAL = 2.0
-#: the flows page counts completed and failed runs of this window (seconds)
+#: the flows page counts the runs started in this window (seconds) by status
 WINDOW_SECONDS = 3600
 #: a worker whose last heartbeat is younger than this (seconds) is live
 LIVE_SECONDS = 30
@@ -134,12 +143,17 @@ def dashboard_app(
     async def flows_page(request: Request) -> Response:
         async with db.engine.connect() as conn:
             structure = flow_infos((await conn.execute(flow_structure())).all())
-            status = await flow_status_async(
-                conn, window_seconds=WINDOW_SECONDS, live_seconds=LIVE_SECONDS
+            counts = flow_counts(
+                (await conn.execute(run_counts(timedelta(seconds=WINDOW_SECONDS)))).all(),
+                (await conn.execute(queue_lengths())).all(),
+                (await conn.execute(worker_counts(timedelta(seconds=LIVE_SECONDS)))).all(),
             )
-        by_slug = {s.flow_slug: s for s in status}
         flows = [
-            {"info": info, "dag": render_dag(info.nodes), "status": by_slug.get(info.flow_slug)}
+            {
+                "info": info,
+                "dag": render_dag(info.nodes),
+                "counts": counts.get(info.flow_slug, FlowCounts()),
+            }
             for info in structure
         ]
         return page(

@@ -1,20 +1,26 @@
 """The dashboard's reads that the client has no reader for: flow structure (steps,
-options and dependencies, one query for every flow) and workers. Runs, run states
-and flow status come from :mod:`pgflow_sa.client`."""
+options and dependencies, one query for every flow), the flows page's counts, and
+workers. Runs and run states come from :mod:`pgflow_sa.client`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.sql import Select
 
 from ..schema import tables
 from .dag import StepNode
 
-flows, steps, deps, workers = tables.flows, tables.steps, tables.deps, tables.workers
+flows, steps, deps, runs, workers = (
+    tables.flows,
+    tables.steps,
+    tables.deps,
+    tables.runs,
+    tables.workers,
+)
 
 #: workers listed at most (the most recent heartbeats first)
 WORKERS_SHOWN = 200
@@ -109,3 +115,72 @@ def flow_infos(rows: Any) -> list[FlowInfo]:
 def recent_workers(limit: int = WORKERS_SHOWN) -> Select[Any]:
     """Workers, the most recent heartbeat first (idx_workers_heartbeat)."""
     return select(workers).order_by(workers.c.last_heartbeat_at.desc()).limit(limit)
+
+
+@dataclass(frozen=True)
+class FlowCounts:
+    """The flows page's numbers of one flow."""
+
+    queued: int = 0
+    running: int = 0
+    completed: int = 0
+    failed: int = 0
+    live_workers: int = 0
+    last_heartbeat_at: datetime | None = None
+
+
+# Not the client's flow_status: its counts of runs that finished in the window have
+# no index to use (completed_at, failed_at), so at 100,000 runs it took 0.3-0.8 s.
+# Here the window is over runs *started* in it (pgflow_sa_runs_started_at), and runs
+# in progress are counted whenever they started (idx_runs_status).
+
+
+def run_counts(window: timedelta) -> Select[Any]:
+    """Per flow and status: runs started within ``window``, and all runs."""
+    recent = runs.c.started_at >= func.now() - window
+    return (
+        select(
+            runs.c.flow_slug,
+            runs.c.status,
+            func.count().filter(recent).label("recent"),
+            func.count().label("every"),
+        )
+        .where(or_(recent, runs.c.status == "started"))
+        .group_by(runs.c.flow_slug, runs.c.status)
+    )
+
+
+def queue_lengths() -> Select[Any]:
+    """Messages in every pgmq queue (one call of pgmq.metrics_all)."""
+    metrics = func.pgmq.metrics_all().table_valued("queue_name", "queue_length")
+    return select(metrics.c.queue_name, metrics.c.queue_length)
+
+
+def worker_counts(live: timedelta) -> Select[Any]:
+    """Per queue: workers with a heartbeat within ``live`` (not deprecated), and the
+    last heartbeat."""
+    is_live = and_(
+        workers.c.deprecated_at.is_(None), workers.c.last_heartbeat_at > func.now() - live
+    )
+    return select(
+        workers.c.queue_name,
+        func.count().filter(is_live).label("live"),
+        func.max(workers.c.last_heartbeat_at).label("last_heartbeat_at"),
+    ).group_by(workers.c.queue_name)
+
+
+def flow_counts(run_rows: Any, queue_rows: Any, worker_rows: Any) -> dict[str, FlowCounts]:
+    """The three queries' rows as FlowCounts per flow slug (queue = flow slug)."""
+    values: dict[str, dict[str, Any]] = {}
+    for row in run_rows:
+        own = values.setdefault(row.flow_slug, {})
+        if row.status == "started":
+            own["running"] = row.every
+        elif row.status in ("completed", "failed"):
+            own[row.status] = row.recent
+    for row in queue_rows:
+        values.setdefault(row.queue_name, {})["queued"] = row.queue_length
+    for row in worker_rows:
+        own = values.setdefault(row.queue_name, {})
+        own["live_workers"], own["last_heartbeat_at"] = row.live, row.last_heartbeat_at
+    return {slug: FlowCounts(**own) for slug, own in values.items()}
