@@ -675,6 +675,10 @@ def dashboard(host: str, port: int, hide_payloads: bool, database_url: str | Non
         engine = async_engine_from_url(url, pool_size=2, max_overflow=8)
         app = dashboard_app(engine, show_payloads=not hide_payloads)
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        # uvicorn re-raises the signal that stopped it once it has shut down: with
+        # these handlers in place that ends nothing, and the engine is closed (exit 0)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: None)
         try:
             await server.serve()
         finally:

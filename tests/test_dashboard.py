@@ -197,7 +197,7 @@ def dash_db(databases: DatabaseFactory, template_db: str) -> Iterator[dict[str, 
     try:
         with WorkerThread(url) as worker, engine.begin() as conn:
             ids = {
-                "completed": start_flow(conn, orders, {"n": 3}).run_id,
+                "completed": start_flow(conn, orders, {"n": 3, "note": "long " * 200}).run_id,
                 "failed": start_flow(conn, broken, {"why": "no reason"}).run_id,
                 "running": start_flow(conn, held, {"hello": "world"}).run_id,
             }
@@ -317,6 +317,13 @@ def test_run_pages_colour_the_dag(
     assert [t.get_attribute("data-status") for t in tasks] == ["completed"] * 3
     assert "4" in tasks[2].text  # the third element doubled
     assert len(browser.find_elements(By.CSS_SELECTOR, ".timeline .bar.completed")) == 5
+    # the 1,000-character note is cut, and "show all" shows it whole
+    details = browser.find_elements(By.CSS_SELECTOR, "details")[0]
+    assert "long long" in details.find_element(By.XPATH, "preceding-sibling::pre[1]").text
+    whole = details.find_element(By.TAG_NAME, "pre")
+    assert not whole.is_displayed()
+    details.find_element(By.TAG_NAME, "summary").click()
+    assert whole.is_displayed() and whole.text.count("long") == 200
     browser.save_screenshot(str(SCREENSHOTS / "run-completed.png"))
 
     browser.get(f"{dashboard}/runs/{ids['failed']}")
@@ -364,13 +371,27 @@ def test_running_run_turns_green_live(
     print(f"the step turned green {shown_after:.3f} s after it completed")
 
 
-def test_workers_page(dashboard: str, browser: webdriver.Chrome) -> None:
+def test_workers_page(dashboard: str, dash_db: dict[str, Any], browser: webdriver.Chrome) -> None:
+    gone = uuid.uuid4()  # a worker that stopped beating an hour ago
+    _sql(
+        dash_db["url"],
+        "INSERT INTO pgflow.workers (worker_id, queue_name, function_name, started_at,"
+        " last_heartbeat_at) VALUES (%s, 'dash_orders', 'old', now() - interval '2 hours',"
+        " now() - interval '1 hour') RETURNING worker_id",
+        gone,
+    )
     browser.get(dashboard + "/workers")
     rows = browser.find_elements(By.CSS_SELECTOR, "tr.worker")
-    served = {
-        r.find_elements(By.TAG_NAME, "td")[2].text: r.get_attribute("data-state") for r in rows
+    states = {
+        (r.find_elements(By.TAG_NAME, "td")[2].text, r.get_attribute("data-state")) for r in rows
     }
-    assert served == {"dash_orders": "live", "dash_broken": "live", "dash_held": "live"}
+    assert states == {
+        ("dash_orders", "live"),
+        ("dash_broken", "live"),
+        ("dash_held", "live"),
+        ("dash_orders", "stopped"),
+    }
+    assert rows[-1].get_attribute("data-worker") == str(gone)  # the latest heartbeat first
     browser.save_screenshot(str(SCREENSHOTS / "workers.png"))
 
 
@@ -531,3 +552,36 @@ def test_installer_indexes_runs_newest_first(db_url: str) -> None:
         plan = "\n".join(row[0] for row in conn.execute("EXPLAIN " + sql))
     assert RUNS_BY_START in plan and "Sort" not in plan.split("SubPlan")[0], plan
     assert indexes.SCRIPT in install_script(pgmq=None, realtime_send=False)  # Alembic's path
+
+
+def test_the_cli_serves_it_on_loopback(dash_db: dict[str, Any]) -> None:
+    port = _free_port()
+    command = [str(Path(sys.executable).parent / "pgflow-sa"), "dashboard", "--port", str(port)]
+    proc = subprocess.Popen(
+        [*command, "--database-url", dash_db["url"]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+
+        def answers() -> bool:
+            try:
+                return http("GET", f"http://127.0.0.1:{port}/runs")[0] == 200
+            except OSError:
+                assert proc.poll() is None, proc.communicate()[0]
+                return False
+
+        _wait_for(answers, 30, "pgflow-sa dashboard")
+        # the listening socket's local address (Linux's table: hex address:port, state 0A)
+        listening = [
+            fields[1]
+            for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+            if (fields := line.split())[3] == "0A" and fields[1].endswith(f":{port:04X}")
+        ]
+        assert listening == [f"0100007F:{port:04X}"]  # 127.0.0.1 only
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=20)[0]
+    assert proc.returncode == 0, output
+    assert f"at http://127.0.0.1:{port}/" in output
