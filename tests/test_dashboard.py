@@ -585,3 +585,12 @@ def test_the_cli_serves_it_on_loopback(dash_db: dict[str, Any]) -> None:
         output = proc.communicate(timeout=20)[0]
     assert proc.returncode == 0, output
     assert f"at http://127.0.0.1:{port}/" in output
+
+
+def test_an_unreachable_database_is_a_clear_503() -> None:
+    app = dashboard_app("postgresql://postgres@127.0.0.1:1/nowhere")
+    with serve_asgi(app) as base:
+        for path in ("/", "/runs", "/workers", f"/runs/{uuid.uuid4()}"):
+            status, body = http("GET", base + path)
+            assert status == 503, (path, body)
+            assert "cannot use the database" in body, body

@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import NullPool
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -25,6 +25,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .._db import database_errors
 from ..client import get_run_async, list_runs_async
 from ..config import async_engine_from_url
 from ..exceptions import InvalidInputError, PgflowSaError
@@ -78,6 +79,13 @@ class _Database:
             assert not isinstance(url, AsyncEngine)
             self._engine = async_engine_from_url(url, poolclass=NullPool)
         return self._engine
+
+    @contextlib.asynccontextmanager
+    async def connect(self) -> AsyncIterator[AsyncConnection]:
+        """A connection; database errors become pgflow-sa errors (a 503 page)."""
+        with database_errors(None, PgflowSaError):
+            async with self.engine.connect() as conn:
+                yield conn
 
     async def dispose(self) -> None:
         if self.owned and self._engine is not None:
@@ -141,7 +149,7 @@ def dashboard_app(
         return page(request, "problem.html", status_code, message=message)
 
     async def flows_page(request: Request) -> Response:
-        async with db.engine.connect() as conn:
+        async with db.connect() as conn:
             structure = flow_infos((await conn.execute(flow_structure())).all())
             counts = flow_counts(
                 (await conn.execute(run_counts(timedelta(seconds=WINDOW_SECONDS)))).all(),
@@ -167,7 +175,7 @@ def dashboard_app(
         try:
             since = _parse_time(params.get("since"), "since")
             until = _parse_time(params.get("until"), "until")
-            async with db.engine.connect() as conn:
+            async with db.connect() as conn:
                 result = await list_runs_async(
                     conn,
                     flow=flow,
@@ -199,7 +207,7 @@ def dashboard_app(
             run_id = uuid.UUID(request.path_params["run_id"])
         except ValueError:
             return problem(request, "a run id is a UUID", 404)
-        async with db.engine.connect() as conn:
+        async with db.connect() as conn:
             run = await get_run_async(conn, run_id)
             if run is None:
                 return problem(request, f"no run {run_id}", 404)
@@ -233,7 +241,7 @@ def dashboard_app(
             run_id = uuid.UUID(request.path_params["run_id"])
         except ValueError:
             return PlainTextResponse("a run id is a UUID", status_code=404)
-        async with db.engine.connect() as conn:
+        async with db.connect() as conn:
             if await get_run_async(conn, run_id, steps=False) is None:
                 return PlainTextResponse(f"no run {run_id}", status_code=404)
         return StreamingResponse(
@@ -243,7 +251,7 @@ def dashboard_app(
         )
 
     async def workers_page(request: Request) -> Response:
-        async with db.engine.connect() as conn:
+        async with db.connect() as conn:
             rows = (await conn.execute(recent_workers())).all()
             now = (await conn.execute(select(func.now()))).scalar_one()
         workers = []
