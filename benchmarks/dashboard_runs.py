@@ -68,13 +68,17 @@ def _fresh(server: str, runs: int) -> tuple[str, str]:
     with psycopg.connect(server, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     url = to_sqlalchemy_url(server).set(database=name).render_as_string(hide_password=False)
-    install_schema(url)
-    deploy_flows(url, [chain, noop])
-    libpq = to_sqlalchemy_url(url).set(drivername="postgresql").render_as_string(False)
-    with psycopg.connect(libpq, autocommit=True) as conn:
-        conn.execute(POPULATE, {"runs": runs})
-        conn.execute(FAILED_STEPS)
-        conn.execute("ANALYZE pgflow.runs; ANALYZE pgflow.step_states")
+    try:
+        install_schema(url)
+        deploy_flows(url, [chain, noop])
+        libpq = to_sqlalchemy_url(url).set(drivername="postgresql").render_as_string(False)
+        with psycopg.connect(libpq, autocommit=True) as conn:
+            conn.execute(POPULATE, {"runs": runs})
+            conn.execute(FAILED_STEPS)
+            conn.execute("ANALYZE pgflow.runs; ANALYZE pgflow.step_states")
+    except BaseException:
+        _drop(server, name)
+        raise
     return name, libpq
 
 
