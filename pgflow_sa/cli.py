@@ -37,7 +37,13 @@ from .config import (
 )
 from .dsl import Flow
 from .embedded import EmbeddedServer
-from .exceptions import InvalidInputError, PgflowSaError, RunNotFoundError, RunTimeoutError
+from .exceptions import (
+    DashboardUnavailableError,
+    InvalidInputError,
+    PgflowSaError,
+    RunNotFoundError,
+    RunTimeoutError,
+)
 from .models import RunStatus
 from .registry import FlowRegistry, load_registry
 from .schema.deploy import deploy_flows
@@ -643,6 +649,43 @@ def _run_to_the_end(main: Coroutine[Any, Any, None]) -> None:
         loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), 0.5))
         asyncio.set_event_loop(None)
         loop.close()
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8765, show_default=True, help="Port to listen on.")
+@click.option("--hide-payloads", is_flag=True, help="Show no run or task input and output.")
+@database_url_option
+@clean_errors
+def dashboard(host: str, port: int, hide_payloads: bool, database_url: str | None) -> None:
+    """Serve the web dashboard (flows, runs, workers; read-only). Needs the
+    dashboard extra: pip install 'pgflow-sa[dashboard]'."""
+    from .dashboard import dashboard_app
+
+    try:
+        import uvicorn  # installed with the dashboard extra, like Starlette
+    except ImportError as exc:
+        raise DashboardUnavailableError(
+            "pgflow-sa dashboard needs uvicorn: pip install 'pgflow-sa[dashboard]'"
+        ) from exc
+    url = _database_url(database_url)
+
+    async def serve() -> None:
+        # an engine of our own with a pool, closed in the loop that opened its connections
+        engine = async_engine_from_url(url, pool_size=2, max_overflow=8)
+        app = dashboard_app(engine, show_payloads=not hide_payloads)
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        # uvicorn re-raises the signal that stopped it once it has shut down: with
+        # these handlers in place that ends nothing, and the engine is closed (exit 0)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: None)
+        try:
+            await server.serve()
+        finally:
+            await engine.dispose()
+
+    click.echo(f"pgflow-sa dashboard of {mask_password(url)} at http://{host}:{port}/", err=True)
+    _run_to_the_end(serve())
 
 
 def main() -> None:

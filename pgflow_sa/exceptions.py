@@ -53,3 +53,7 @@ class RunTimeoutError(PgflowSaError, TimeoutError):
     def __init__(self, message: str | None = None, *, run: object = None) -> None:
         super().__init__(message)
         self.run = run
+
+
+class DashboardUnavailableError(PgflowSaError, ImportError):
+    """The dashboard needs Starlette and Jinja2: pip install 'pgflow-sa[dashboard]'."""

@@ -20,8 +20,9 @@ from sqlalchemy.engine import URL
 
 from .._db import database_errors, sync_engine
 from ..exceptions import InstallError
+from . import indexes
 from .migrations import LATEST_VERSION, PINNED_VERSIONS, Migration, migrations
-from .names import NOTIFY_CHANNEL, PGFLOW_SA_SCHEMA
+from .names import NOTIFY_CHANNEL, PGFLOW_SA_SCHEMA, PGFLOW_SCHEMA
 
 # pg_advisory_xact_lock key: "pgflow-sa install" (any fixed bigint would do)
 INSTALL_LOCK_KEY = 0x7067_666C_6F77_5341
@@ -344,6 +345,17 @@ def _apply(conn: Connection, migration: Migration, skip_create_pgmq: bool) -> No
     )
 
 
+def _install_indexes(conn: Connection, actions: list[str]) -> None:
+    name = f"{PGFLOW_SCHEMA}.{indexes.RUNS_BY_START}"
+    had = conn.execute(text("SELECT to_regclass(:name) IS NOT NULL"), {"name": name}).scalar()
+    _run_script(conn, indexes.SCRIPT)
+    if (
+        not had
+        and conn.execute(text("SELECT to_regclass(:name) IS NOT NULL"), {"name": name}).scalar()
+    ):
+        actions.append(f"pgflow-sa: index {name} (runs newest first)")
+
+
 def install(
     conn: Connection, version: str = LATEST_VERSION, *, upto: str | None = None
 ) -> InstallReport:
@@ -397,6 +409,7 @@ def install(
             break
     if applied:
         actions.append(f"pgflow: applied {len(applied)} migration(s) of pgflow {version}")
+    _install_indexes(conn, actions)
     after = _status(conn, version)[0]
     return InstallReport(before, after, actions)
 
@@ -571,6 +584,7 @@ def install_script(
             f"INSERT INTO {PGFLOW_SA_SCHEMA}.schema_migrations (name, pgflow_version) "
             f"VALUES ({sql_literal(migration.name)}, {sql_literal(migration.release)});"
         )
+    scripts.append(indexes.SCRIPT)
     return scripts
 
 

@@ -123,6 +123,8 @@ runs = Table(
     CheckConstraint("remaining_steps >= 0", name="runs_remaining_steps_check"),
     Index("idx_runs_flow_slug", "flow_slug"),
     Index("idx_runs_status", "status"),
+    # pgflow-sa's own (pgflow_sa.schema.indexes): runs newest first
+    Index("pgflow_sa_runs_started_at", "started_at", "run_id"),
     schema=PGFLOW_SCHEMA,
 )
 

@@ -1,0 +1,113 @@
+"""What the pages show, computed from the client's typed results: durations, a
+run's timeline, each task's input as its handler saw it, pretty JSON. Pure."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from ..models import Run, StepState, StepTask
+from .dag import StepNode
+
+#: characters of pretty JSON shown before "show all"
+PREVIEW_CHARS = 600
+
+
+@dataclass(frozen=True)
+class Pretty:
+    """Pretty JSON, and its first PREVIEW_CHARS characters when it is longer."""
+
+    text: str
+    preview: str | None
+
+
+def pretty(value: Any) -> Pretty:
+    text = json.dumps(value, indent=2, sort_keys=True, default=str, ensure_ascii=False)
+    return Pretty(text, text[:PREVIEW_CHARS] if len(text) > PREVIEW_CHARS else None)
+
+
+def when(value: datetime | None) -> str:
+    return "" if value is None else value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def seconds(start: datetime | None, end: datetime | None) -> str:
+    """A duration; while ``end`` is None, the time elapsed so far (with a '+')."""
+    if start is None:
+        return ""
+    finished = end is not None
+    span = ((end or datetime.now(timezone.utc)) - start).total_seconds()
+    text = (
+        f"{span * 1000:.0f} ms"
+        if span < 1
+        else f"{span:.1f} s"
+        if span < 120
+        else f"{span / 60:.1f} min"
+    )
+    return text if finished else text + "+"
+
+
+def run_end(run: Run) -> datetime | None:
+    return run.completed_at or run.failed_at
+
+
+def task_end(task: StepTask) -> datetime | None:
+    return task.completed_at or task.failed_at
+
+
+def task_input(run: Run, step: StepState, node: StepNode | None, task: StepTask) -> Any:
+    """The task's input as its handler received it: a root step the flow input, a
+    dependent step ``{dep: output}``, a map task its element. pgflow 0.8.1 keeps no
+    task input, so it is rebuilt from the run input and the dependencies' outputs."""
+    deps = node.deps if node is not None else ()
+    outputs = {s.step_slug: s.output for s in run.steps or ()}
+    if step.step_type == "map":
+        source = run.input if not deps else outputs.get(deps[0])
+        if isinstance(source, list) and 0 <= task.task_index < len(source):
+            return source[task.task_index]
+        return None
+    if not deps:
+        return run.input
+    return {dep: outputs.get(dep) for dep in deps}
+
+
+@dataclass(frozen=True)
+class Bar:
+    label: str
+    status: str
+    left: float  # percent of the run's span
+    width: float
+    queued_width: float  # waiting before it started, drawn lighter, left of ``left``
+    title: str
+
+
+def timeline(run: Run) -> list[Bar]:
+    """One bar per task, from its start to its end (or now), on the run's span; the
+    time it waited in the queue is the lighter part before it."""
+    start = run.started_at
+    end = run_end(run) or datetime.now(timezone.utc)
+    span = max((end - start).total_seconds(), 1e-3)
+
+    def pct(moment: datetime) -> float:
+        return min(100.0, max(0.0, (moment - start).total_seconds() / span * 100))
+
+    bars = []
+    for step in run.steps or ():
+        for task in step.tasks:
+            label = step.step_slug + (f"[{task.task_index}]" if step.step_type == "map" else "")
+            queued = pct(task.queued_at)
+            began = pct(task.started_at) if task.started_at else pct(task_end(task) or end)
+            finished = pct(task_end(task) or end)
+            bars.append(
+                Bar(
+                    label=label,
+                    status=task.status.value,
+                    left=began,
+                    width=max(finished - began, 0.5),
+                    queued_width=max(began - queued, 0.0),
+                    title=f"{label}: {task.status.value}, "
+                    f"{seconds(task.started_at, task_end(task))} (attempts {task.attempts_count})",
+                )
+            )
+    return bars

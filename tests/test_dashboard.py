@@ -1,0 +1,596 @@
+"""The dashboard in a real headless Chromium (Debian's chromium + chromium-driver,
+driven by Selenium; nothing downloads a browser) against a database with real runs
+made by the real worker: completed, failed, running, with a map step. Screenshots
+of every page go to .pgflow_sa/screenshots/ (git-ignored). Also: the FastAPI and
+Flask mounts over HTTP, the read-only default, the auth hook, hidden payloads and
+the missing-extra error."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import uvicorn
+from a2wsgi import ASGIMiddleware
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+from sqlalchemy.dialects import postgresql
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
+from werkzeug.serving import make_server
+
+from pgflow_sa import Flow, deploy_flows, install_schema, start_flow, to_sqlalchemy_url
+from pgflow_sa._db import sync_engine
+from pgflow_sa.client import _page_query
+from pgflow_sa.dashboard import dashboard_app
+from pgflow_sa.dashboard.dag import StepNode, render_dag
+from pgflow_sa.schema import indexes
+from pgflow_sa.schema.indexes import RUNS_BY_START
+from pgflow_sa.schema.installer import install_script
+from pgflow_sa.testing.plugin import DatabaseFactory
+
+from .worker_harness import running_worker
+
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOTS = ROOT / ".pgflow_sa" / "screenshots"
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+# --- flows ---------------------------------------------------------------------------
+
+orders = Flow("dash_orders")
+
+
+@orders.step
+def fetch(input: dict[str, Any]) -> list[int]:
+    return list(range(input["n"]))
+
+
+@orders.map(depends_on=[fetch])
+def double(item: int) -> int:
+    return item * 2
+
+
+@orders.step(depends_on=[double])
+def total(input: dict[str, Any]) -> int:
+    return sum(input["double"])
+
+
+broken = Flow("dash_broken", max_attempts=1)
+
+
+@broken.step
+def explode(input: Any) -> None:
+    raise RuntimeError("the dashboard shows this error")
+
+
+gates = {"gate": threading.Event(), "hold": threading.Event()}
+held = Flow("dash_held")
+
+
+@held.step
+def gate(input: Any) -> str:
+    gates["gate"].wait(30)
+    return "opened"
+
+
+@held.step(depends_on=[gate])
+def hold(input: Any) -> str:
+    gates["hold"].wait(30)
+    return "released"
+
+
+FLOWS = (orders, broken, held)
+
+# --- a database with runs, a worker, a server ----------------------------------------
+
+
+def _sql(url: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+def _wait_for(predicate: Any, timeout: float = 20, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what or predicate}")
+
+
+class WorkerThread:
+    """The real worker on its own event loop in a thread (the test itself blocks on
+    the browser)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.loop = asyncio.new_event_loop()
+        self.stop = asyncio.Event()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(self.main(),))
+
+    async def main(self) -> None:
+        async with running_worker(FLOWS, self.url):
+            self.ready.set()
+            await self.stop.wait()
+
+    def __enter__(self) -> WorkerThread:
+        self.thread.start()
+        assert self.ready.wait(30), "the worker did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for event in gates.values():
+            event.set()
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(30)
+        self.loop.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def serve_asgi(app: Any) -> Iterator[str]:
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        _wait_for(lambda: server.started, 10, "uvicorn")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@contextlib.contextmanager
+def serve_wsgi(app: Any) -> Iterator[str]:
+    server = make_server("127.0.0.1", _free_port(), app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(10)
+
+
+def http(method: str, url: str) -> tuple[int, str]:
+    request = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@pytest.fixture(scope="module")
+def dash_db(databases: DatabaseFactory, template_db: str) -> Iterator[dict[str, Any]]:
+    """A database with a completed run (with a map step), a failed run and a run
+    held at its first step, and the worker still serving it."""
+    url = databases.create(template=template_db)
+    deploy_flows(url, FLOWS)
+    for event in gates.values():
+        event.clear()
+    engine = sync_engine(url)
+    try:
+        with WorkerThread(url) as worker, engine.begin() as conn:
+            ids = {
+                "completed": start_flow(conn, orders, {"n": 3, "note": "long " * 200}).run_id,
+                "failed": start_flow(conn, broken, {"why": "no reason"}).run_id,
+                "running": start_flow(conn, held, {"hello": "world"}).run_id,
+            }
+            conn.commit()
+
+            def status(run_id: uuid.UUID) -> str:
+                return str(
+                    _sql(url, "SELECT status FROM pgflow.runs WHERE run_id = %s", run_id)[0][0]
+                )
+
+            _wait_for(lambda: status(ids["completed"]) == "completed", what="the completed run")
+            _wait_for(lambda: status(ids["failed"]) == "failed", what="the failed run")
+            yield {"url": url, "ids": ids, "worker": worker}
+    finally:
+        engine.dispose()
+        databases.drop(url)
+
+
+@pytest.fixture(scope="module")
+def dashboard(dash_db: dict[str, Any]) -> Iterator[str]:
+    with serve_asgi(dashboard_app(dash_db["url"])) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[webdriver.Chrome]:
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    assert not missing, f"{missing} missing: apt-get install chromium chromium-driver"
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never download anything
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(argument)
+    options.add_argument("--window-size=1280,1000")
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _step_class(driver: webdriver.Chrome, slug: str) -> str:
+    element = driver.find_element(By.CSS_SELECTOR, f'svg.dag g.step[data-step="{slug}"]')
+    return str(element.get_attribute("class"))
+
+
+def _fill(driver: webdriver.Chrome, slug: str) -> str:
+    element = driver.find_element(By.CSS_SELECTOR, f'svg.dag g.step[data-step="{slug}"] rect.box')
+    return str(element.value_of_css_property("fill"))
+
+
+GREEN = "rgb(74, 194, 107)"
+
+# --- pages in the browser ------------------------------------------------------------
+
+
+def test_flows_page_draws_each_dag(dashboard: str, browser: webdriver.Chrome) -> None:
+    browser.get(dashboard + "/")
+    sections = {
+        s.get_attribute("data-flow"): s
+        for s in browser.find_elements(By.CSS_SELECTOR, "section.flow")
+    }
+    assert set(sections) == {"dash_orders", "dash_broken", "dash_held"}
+    section = sections["dash_orders"]
+    steps = section.find_elements(By.CSS_SELECTOR, "svg.dag g.step")
+    assert [s.get_attribute("data-step") for s in steps] == ["fetch", "double", "total"]
+    assert "map" in str(steps[1].get_attribute("class"))
+    edges = {
+        (e.get_attribute("data-from"), e.get_attribute("data-to"))
+        for e in section.find_elements(By.CSS_SELECTOR, "svg.dag path.edge")
+    }
+    assert edges == {("fetch", "double"), ("double", "total")}
+    # boxes left to right in dependency order
+    xs = [s.find_element(By.CSS_SELECTOR, "rect.box").rect["x"] for s in steps]
+    assert xs == sorted(xs) and len(set(xs)) == 3
+    assert section.find_element(By.CSS_SELECTOR, "td.completed").text == "1"
+    assert sections["dash_broken"].find_element(By.CSS_SELECTOR, "td.failed").text == "1"
+    assert sections["dash_held"].find_element(By.CSS_SELECTOR, "td.running").text == "1"
+    assert "max_attempts 1" in sections["dash_broken"].text
+    browser.save_screenshot(str(SCREENSHOTS / "flows.png"))
+
+
+def test_runs_page_lists_and_filters(
+    dashboard: str, dash_db: dict[str, Any], browser: webdriver.Chrome
+) -> None:
+    browser.get(dashboard + "/runs")
+    rows = browser.find_elements(By.CSS_SELECTOR, "tr.run")
+    shown = {r.get_attribute("data-run"): r.get_attribute("data-status") for r in rows}
+    ids = dash_db["ids"]
+    assert shown == {
+        str(ids["completed"]): "completed",
+        str(ids["failed"]): "failed",
+        str(ids["running"]): "started",
+    }
+    failed_row = next(r for r in rows if r.get_attribute("data-run") == str(ids["failed"]))
+    assert "the dashboard shows this error" in failed_row.text
+    browser.save_screenshot(str(SCREENSHOTS / "runs.png"))
+    # filter with the form, as a person would
+    browser.find_element(By.CSS_SELECTOR, "select[name=status] option[value=failed]").click()
+    browser.find_element(By.CSS_SELECTOR, "form.filters button").click()
+    WebDriverWait(browser, 5).until(lambda d: "status=failed" in d.current_url)
+    rows = browser.find_elements(By.CSS_SELECTOR, "tr.run")
+    assert [r.get_attribute("data-run") for r in rows] == [str(ids["failed"])]
+
+
+def test_run_pages_colour_the_dag(
+    dashboard: str, dash_db: dict[str, Any], browser: webdriver.Chrome
+) -> None:
+    ids = dash_db["ids"]
+    browser.get(f"{dashboard}/runs/{ids['completed']}")
+    for slug in ("fetch", "double", "total"):
+        assert "s-completed" in _step_class(browser, slug)
+    assert _fill(browser, "total") == GREEN
+    detail = browser.find_element(By.ID, "step-double")
+    tasks = detail.find_elements(By.CSS_SELECTOR, "tr.task")
+    assert [t.get_attribute("data-status") for t in tasks] == ["completed"] * 3
+    assert "4" in tasks[2].text  # the third element doubled
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".timeline .bar.completed")) == 5
+    # the 1,000-character note is cut, and "show all" shows it whole
+    details = browser.find_elements(By.CSS_SELECTOR, "details")[0]
+    assert "long long" in details.find_element(By.XPATH, "preceding-sibling::pre[1]").text
+    whole = details.find_element(By.TAG_NAME, "pre")
+    assert not whole.is_displayed()
+    details.find_element(By.TAG_NAME, "summary").click()
+    assert whole.is_displayed() and whole.text.count("long") == 200
+    browser.save_screenshot(str(SCREENSHOTS / "run-completed.png"))
+
+    browser.get(f"{dashboard}/runs/{ids['failed']}")
+    assert "s-failed" in _step_class(browser, "explode")
+    assert "the dashboard shows this error" in browser.find_element(By.ID, "step-explode").text
+    browser.save_screenshot(str(SCREENSHOTS / "run-failed.png"))
+
+
+def test_running_run_turns_green_live(
+    dashboard: str, dash_db: dict[str, Any], browser: webdriver.Chrome
+) -> None:
+    url, run_id = dash_db["url"], dash_db["ids"]["running"]
+    browser.get(f"{dashboard}/runs/{run_id}")
+    assert "s-started" in _step_class(browser, "gate")
+    assert "s-created" in _step_class(browser, "hold")
+    browser.save_screenshot(str(SCREENSHOTS / "run-running.png"))
+    browser.execute_script("window.notReloaded = true")
+
+    def step_status(slug: str) -> str:
+        return str(
+            _sql(
+                url,
+                "SELECT status FROM pgflow.step_states WHERE run_id = %s AND step_slug = %s",
+                run_id,
+                slug,
+            )[0][0]
+        )
+
+    gates["gate"].set()
+    _wait_for(lambda: step_status("gate") == "completed", what="the gate step")
+    completed = time.monotonic()
+    WebDriverWait(browser, 1.5, poll_frequency=0.02).until(
+        lambda d: "s-completed" in _step_class(d, "gate")
+    )
+    shown_after = time.monotonic() - completed
+    assert _fill(browser, "gate") == GREEN
+    WebDriverWait(browser, 2).until(lambda d: "s-started" in _step_class(d, "hold"))
+    assert browser.execute_script("return window.notReloaded") is True
+    browser.save_screenshot(str(SCREENSHOTS / "run-live.png"))
+
+    gates["hold"].set()
+    WebDriverWait(browser, 3).until(lambda d: d.find_element(By.ID, "finished").is_displayed())
+    assert "completed" in browser.find_element(By.ID, "finished").text
+    assert "s-completed" in _step_class(browser, "hold")
+    print(f"the step turned green {shown_after:.3f} s after it completed")
+
+
+def test_workers_page(dashboard: str, dash_db: dict[str, Any], browser: webdriver.Chrome) -> None:
+    gone = uuid.uuid4()  # a worker that stopped beating an hour ago
+    _sql(
+        dash_db["url"],
+        "INSERT INTO pgflow.workers (worker_id, queue_name, function_name, started_at,"
+        " last_heartbeat_at) VALUES (%s, 'dash_orders', 'old', now() - interval '2 hours',"
+        " now() - interval '1 hour') RETURNING worker_id",
+        gone,
+    )
+    browser.get(dashboard + "/workers")
+    rows = browser.find_elements(By.CSS_SELECTOR, "tr.worker")
+    states = {
+        (r.find_elements(By.TAG_NAME, "td")[2].text, r.get_attribute("data-state")) for r in rows
+    }
+    assert states == {
+        ("dash_orders", "live"),
+        ("dash_broken", "live"),
+        ("dash_held", "live"),
+        ("dash_orders", "stopped"),
+    }
+    assert rows[-1].get_attribute("data-worker") == str(gone)  # the latest heartbeat first
+    browser.save_screenshot(str(SCREENSHOTS / "workers.png"))
+
+
+# --- mounts, safety ------------------------------------------------------------------
+
+
+def test_fastapi_mount(dash_db: dict[str, Any]) -> None:
+    from fastapi import FastAPI
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(to_sqlalchemy_url(dash_db["url"], "asyncpg"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await engine.dispose()  # in the loop that made its connections
+
+    app = FastAPI(lifespan=lifespan)
+    app.mount("/pgflow", dashboard_app(engine))
+
+    @app.get("/")
+    def home() -> dict[str, str]:
+        return {"app": "mine"}
+
+    run_id = dash_db["ids"]["completed"]
+    with serve_asgi(app) as base:
+        assert http("GET", base + "/") == (200, '{"app":"mine"}')
+        status, body = http("GET", base + "/pgflow/runs")
+        assert status == 200
+        assert f'href="{base}/pgflow/runs/{run_id}"' in body  # links stay inside the mount
+        status, body = http("GET", f"{base}/pgflow/runs/{run_id}")
+        assert status == 200 and 'data-step="double"' in body
+        assert http("GET", base + "/pgflow/workers")[0] == 200
+
+
+def test_flask_mount(dash_db: dict[str, Any]) -> None:
+    from flask import Flask
+
+    app = Flask(__name__)
+
+    @app.get("/")
+    def home() -> str:
+        return "my flask app"
+
+    engine = sync_engine(dash_db["url"])
+    app.wsgi_app = DispatcherMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app, {"/pgflow": ASGIMiddleware(dashboard_app(engine))}
+    )
+    run_id = dash_db["ids"]["failed"]
+    with serve_wsgi(app) as base:
+        assert http("GET", base + "/") == (200, "my flask app")
+        status, body = http("GET", base + "/pgflow/")
+        assert status == 200 and 'data-flow="dash_orders"' in body
+        status, body = http("GET", base + "/pgflow/runs?status=failed")
+        assert status == 200 and f'href="{base}/pgflow/runs/{run_id}"' in body
+        status, body = http("GET", f"{base}/pgflow/runs/{run_id}")
+        assert status == 200 and "the dashboard shows this error" in body
+    engine.dispose()
+
+
+def test_read_only_by_default_and_actions_hook(dash_db: dict[str, Any]) -> None:
+    app = dashboard_app(dash_db["url"])
+    methods = {m for route in app.routes for m in (getattr(route, "methods", None) or ())}
+    assert methods == {"GET", "HEAD"}
+    run_id = dash_db["ids"]["running"]
+    with serve_asgi(app) as base:
+        for path in (f"/runs/{run_id}", f"/runs/{run_id}/actions/cancel", "/runs", "/"):
+            assert http("POST", base + path)[0] in (404, 405), path
+        assert '<form method="post"' not in http("GET", f"{base}/runs/{run_id}")[1]
+    enabled = dashboard_app(dash_db["url"], allow_actions=True)
+    paths = {getattr(route, "path", None) for route in enabled.routes}
+    assert "/runs/{run_id}/actions/{name}" in paths
+    with serve_asgi(enabled) as base:
+        # no run action exists yet: the hook answers 404 for any name
+        assert http("POST", f"{base}/runs/{run_id}/actions/cancel")[0] == 404
+
+
+def test_auth_hook_and_hidden_payloads(dash_db: dict[str, Any]) -> None:
+    async def only_with_token(request: Any) -> bool:
+        return (
+            request.headers.get("x-token") == "let-me-in"
+            or request.query_params.get("token") == "let-me-in"
+        )
+
+    run_id = dash_db["ids"]["completed"]
+    app = dashboard_app(dash_db["url"], auth=only_with_token, show_payloads=False)
+    with serve_asgi(app) as base:
+        assert http("GET", f"{base}/runs/{run_id}")[0] == 403
+        status, body = http("GET", f"{base}/runs/{run_id}?token=let-me-in")
+        assert status == 200 and 'data-step="total"' in body
+        assert "&#34;n&#34;: 3" not in body and "<h2>Input</h2>" not in body
+    with serve_asgi(dashboard_app(dash_db["url"])) as base:
+        assert "&#34;n&#34;: 3" in http("GET", f"{base}/runs/{run_id}")[1]  # the run input
+
+
+def test_bad_requests_get_clear_pages(dashboard: str) -> None:
+    status, body = http("GET", dashboard + "/runs?status=lost")
+    assert status == 400 and "status must be one of" in body
+    status, body = http("GET", dashboard + "/runs?after=nonsense")
+    assert status == 400 and "next_cursor" in body
+    assert http("GET", f"{dashboard}/runs/{uuid.uuid4()}")[0] == 404
+    assert http("GET", dashboard + "/runs/not-a-uuid")[0] == 404
+
+
+def test_without_the_extra_the_error_says_what_to_install() -> None:
+    code = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('starlette', 'jinja2'):
+            raise ImportError(f'No module named {name!r}', name=name)
+sys.meta_path.insert(0, Block())
+import pgflow_sa, pgflow_sa.cli, pgflow_sa.dashboard
+from pgflow_sa.dashboard import dashboard_app, DashboardUnavailableError
+try:
+    dashboard_app('postgresql://localhost/x')
+except DashboardUnavailableError as exc:
+    print(exc)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "pip install 'pgflow-sa[dashboard]'" in result.stdout
+
+
+def test_dag_layout_is_pure_svg() -> None:
+    svg = render_dag(
+        [
+            StepNode("a", "single", ()),
+            StepNode("b", "map", ("a",)),
+            StepNode("c", "single", ("a",)),
+            StepNode("d<&>", "single", ("b", "c")),
+        ],
+        {"a": "completed", "b": "started"},
+    )
+    assert svg.count('class="edge"') == 4
+    assert '<g class="step s-completed" data-step="a">' in svg
+    assert '<g class="step map s-started" data-step="b">' in svg
+    assert '<g class="step" data-step="c">' in svg  # no status: no colour
+    assert "d&lt;&amp;&gt;" in svg and "d<&>" not in svg
+
+
+def test_installer_indexes_runs_newest_first(db_url: str) -> None:
+    """pgflow 0.8.1 has no index for runs newest first: the runs page scanned and
+    sorted every run. The installer adds one (and says so when it was missing)."""
+    name = f"pgflow.{RUNS_BY_START}"
+    assert _sql(db_url, "SELECT to_regclass(%s) IS NOT NULL", name) == [(True,)]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(f"DROP INDEX {name}")
+    report = install_schema(db_url)
+    assert f"pgflow-sa: index {name} (runs newest first)" in report.actions
+    assert _sql(db_url, "SELECT to_regclass(%s) IS NOT NULL", name) == [(True,)]
+    assert install_schema(db_url).actions == []  # once is enough
+    query = _page_query(None, None, None, None, None, 50)
+    sql = str(query.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(row[0] for row in conn.execute("EXPLAIN " + sql))
+    assert RUNS_BY_START in plan and "Sort" not in plan.split("SubPlan")[0], plan
+    assert indexes.SCRIPT in install_script(pgmq=None, realtime_send=False)  # Alembic's path
+
+
+def test_the_cli_serves_it_on_loopback(dash_db: dict[str, Any]) -> None:
+    port = _free_port()
+    command = [str(Path(sys.executable).parent / "pgflow-sa"), "dashboard", "--port", str(port)]
+    proc = subprocess.Popen(
+        [*command, "--database-url", dash_db["url"]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+
+        def answers() -> bool:
+            try:
+                return http("GET", f"http://127.0.0.1:{port}/runs")[0] == 200
+            except OSError:
+                assert proc.poll() is None, proc.communicate()[0]
+                return False
+
+        _wait_for(answers, 30, "pgflow-sa dashboard")
+        # the listening socket's local address (Linux's table: hex address:port, state 0A)
+        listening = [
+            fields[1]
+            for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+            if (fields := line.split())[3] == "0A" and fields[1].endswith(f":{port:04X}")
+        ]
+        assert listening == [f"0100007F:{port:04X}"]  # 127.0.0.1 only
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=20)[0]
+    assert proc.returncode == 0, output
+    assert f"at http://127.0.0.1:{port}/" in output
+
+
+def test_an_unreachable_database_is_a_clear_503() -> None:
+    app = dashboard_app("postgresql://postgres@127.0.0.1:1/nowhere")
+    with serve_asgi(app) as base:
+        for path in ("/", "/runs", "/workers", f"/runs/{uuid.uuid4()}"):
+            status, body = http("GET", base + path)
+            assert status == 503, (path, body)
+            assert "cannot use the database" in body, body
