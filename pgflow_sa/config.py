@@ -123,6 +123,14 @@ def _driver_url(url: str | URL, driver: Driver, *, translate: bool) -> URL:
             raise ConfigurationError(
                 f"invalid database URL {mask_password(text)!r}: {exc}; expected e.g. {_EXAMPLE}"
             ) from None
+    if parsed.username == "":
+        # libpq would connect as its default user to its default database on its default
+        # host: nothing of what was typed says where, so refuse rather than guess
+        raise ConfigurationError(
+            f"invalid database URL {mask_password(parsed)!r}: it has no user name before "
+            f"'@'; write the user (e.g. {_EXAMPLE}), or leave out 'user:password@' to "
+            "connect as libpq's default user"
+        )
     backend = parsed.get_backend_name()
     if backend not in _POSTGRES_SCHEMES:
         raise ConfigurationError(
@@ -304,9 +312,30 @@ def default_data_dir(cwd: Path | None = None) -> Path:
 def get_database_url(explicit: str | None = None) -> str:
     """The database to use, as the CLI picks it: ``explicit``, else
     ``PGFLOW_SA_DATABASE_URL``, else ``[tool.pgflow-sa] database-url``, else the
-    embedded server (started if it is not running; files in :func:`default_data_dir`)."""
+    embedded server (started if it is not running; files in :func:`default_data_dir`).
+    With nothing configured but ``DATABASE_URL`` set, raises ConfigurationError
+    rather than start an embedded server beside the database that was meant."""
     resolved = resolve_database_url(explicit)
-    return resolved.url if resolved is not None else embedded_database_url()
+    if resolved is not None:
+        return resolved.url
+    refuse_unclaimed_database_url()
+    return embedded_database_url()
+
+
+#: the variable many apps (Heroku, Django, Rails, ...) read their database from
+FOREIGN_DATABASE_URL_ENV = "DATABASE_URL"
+
+
+def refuse_unclaimed_database_url() -> None:
+    """Nothing configures pgflow-sa's database, yet ``DATABASE_URL`` names one: the
+    user surely meant it, so say how to use it instead of starting the embedded server."""
+    if os.environ.get(FOREIGN_DATABASE_URL_ENV, "").strip():
+        raise ConfigurationError(
+            f"{FOREIGN_DATABASE_URL_ENV} is set but pgflow-sa reads {DATABASE_URL_ENV} "
+            f'(or --database-url): export {DATABASE_URL_ENV}="${FOREIGN_DATABASE_URL_ENV}" '
+            f"to use that database, or unset {FOREIGN_DATABASE_URL_ENV} to use the "
+            "embedded server"
+        )
 
 
 def embedded_database_url() -> str:
