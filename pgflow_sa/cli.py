@@ -89,9 +89,9 @@ def clean_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _database_url(explicit: str | None) -> str:
+def _database_url(explicit: str | None, app: FlowRegistry | None = None) -> str:
     """The URL to use, starting the embedded server when nothing is configured."""
-    resolved = resolve_database_url(explicit)
+    resolved = resolve_database_url(explicit, app_url=app.database_url if app else None)
     if resolved is not None:
         return resolved.url
     refuse_unclaimed_database_url()
@@ -420,15 +420,17 @@ def start(
     """
     value, source = _input_value(input_text)
     target: Flow | str = flow
+    registry: FlowRegistry | None = None
     if app is not None:
-        declared = _selected(load_registry(app), (flow,))[0]
+        registry = load_registry(app)
+        declared = _selected(registry, (flow,))[0]
         try:
             value = declared.validate_input(value)
         except InvalidInputError as exc:
             raise InvalidInputError(f"{source}: {exc}") from None
         target = declared
     rid = parse_run_id(run_id) if run_id is not None else None
-    url = _database_url(database_url)
+    url = _database_url(database_url, registry)
     try:
         with database_errors(url, PgflowSaError):
             code = asyncio.run(_start_and_follow(url, target, value, rid, wait, timeout))
@@ -610,8 +612,8 @@ def flows_deploy(app: str, flow_slugs: tuple[str, ...], database_url: str | None
     Flows already there and identical are left alone; a flow that differs is an
     error (pgflow flows cannot change shape in place).
     """
-    chosen = _selected(load_registry(app), flow_slugs)
-    report = deploy_flows(_database_url(database_url), chosen)
+    registry = load_registry(app)
+    report = deploy_flows(_database_url(database_url, registry), _selected(registry, flow_slugs))
     for slug in report.created:
         click.echo(f"created {slug}")
     for slug in report.unchanged:
@@ -660,11 +662,12 @@ def worker(
     from .worker import Worker, WorkerSettings, WorkerStartupError
 
     _configure_logging(log_level, log_format)
-    chosen = _selected(load_registry(app), flow_slugs)
+    registry = load_registry(app)
+    chosen = _selected(registry, flow_slugs)
     settings = WorkerSettings.from_env(
         max_concurrency=concurrency, batch_size=batch_size, shutdown_timeout=shutdown_timeout
     )
-    url = _database_url(database_url)
+    url = _database_url(database_url, registry)
     runner = Worker(chosen, url, settings=settings, name=f"pgflow-sa:{app}")
 
     def banner(event: events.Event) -> None:

@@ -255,7 +255,7 @@ def _mask_parameters(text: str) -> str:
 
 @dataclass(frozen=True)
 class ResolvedUrl:
-    """A database URL and where it came from (``flag``, ``env``, ``pyproject``)."""
+    """A database URL and where it came from (``flag``, ``env``, ``app``, ``pyproject``)."""
 
     url: str
     source: str
@@ -284,9 +284,10 @@ def _pyproject_url(start: Path) -> str | None:
 
 
 def resolve_database_url(
-    explicit: str | None = None, cwd: Path | None = None
+    explicit: str | None = None, cwd: Path | None = None, app_url: str | None = None
 ) -> ResolvedUrl | None:
     """The configured database URL: the explicit value, else ``PGFLOW_SA_DATABASE_URL``,
+    else ``app_url`` (the one an APP's ``FlowRegistry(database_url=...)`` hands over),
     else ``database-url`` in ``[tool.pgflow-sa]`` of the nearest pyproject.toml.
     None means nothing is configured (the CLI then uses the embedded server)."""
     if explicit:
@@ -294,6 +295,8 @@ def resolve_database_url(
     from_env = os.environ.get(DATABASE_URL_ENV, "").strip()
     if from_env:
         return ResolvedUrl(from_env, "env")
+    if app_url:
+        return ResolvedUrl(app_url, "app")
     from_file = _pyproject_url((cwd or Path.cwd()).resolve())
     if from_file:
         return ResolvedUrl(from_file, "pyproject")

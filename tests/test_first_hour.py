@@ -186,6 +186,31 @@ def test_database_url_alone_is_not_ignored(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())  # no embedded server was started
 
 
+def test_an_app_hands_its_own_database_to_the_commands(db_url: str, tmp_path: Path) -> None:
+    """FlowRegistry(..., database_url=...) in APP: no PGFLOW_SA_DATABASE_URL needed, and
+    no embedded server started beside it."""
+    env = {"DATABASE_URL": db_url, "PYTHONPATH": str(APPS), "PGFLOW_SA_DATA_DIR": str(tmp_path)}
+    app = "first_hour_app:own_database"
+    deployed = run_cli("flows", "deploy", app, env=env, cwd=tmp_path)
+    assert deployed.returncode == 0, deployed.stderr
+    assert deployed.stdout.splitlines() == ["created greet"]
+    started = run_cli("start", "--app", app, "greet", "--input", '{"name": "Ada"}', env=env)
+    assert started.returncode == 0, started.stderr
+    assert _runs(db_url) == 1
+    assert not any(tmp_path.iterdir())  # no embedded server was started
+    # PGFLOW_SA_DATABASE_URL still wins, as it does over pyproject.toml
+    other = run_cli(
+        "start",
+        "--app",
+        app,
+        "greet",
+        "--input",
+        '{"name": "Ada"}',
+        env={**env, "PGFLOW_SA_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"},
+    )
+    assert_one_line_error(other, "127.0.0.1:1")
+
+
 # --- 8. a failed run's other in-flight tasks end with a reason ------------------------------
 
 doomed = Flow("doomed", max_attempts=1)

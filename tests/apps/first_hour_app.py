@@ -1,6 +1,9 @@
-"""Flows for tests/test_first_hour.py: a typed input, and a slug that needs quoting."""
+"""Flows for tests/test_first_hour.py: a typed input; and a registry that hands the app's
+own database (its DATABASE_URL) to the commands."""
 
 from __future__ import annotations
+
+import os
 
 from pydantic import BaseModel
 
@@ -21,3 +24,5 @@ def hello(input: Greeting) -> str:
 
 
 registry = FlowRegistry(greet)
+#: as an app whose settings read DATABASE_URL hands its database over
+own_database = FlowRegistry(greet, database_url=os.environ.get("DATABASE_URL"))
