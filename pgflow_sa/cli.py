@@ -11,12 +11,13 @@ import uuid
 from collections.abc import Callable, Coroutine, Mapping
 from datetime import datetime, timezone
 from functools import wraps
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 from sqlalchemy.pool import NullPool
 
-from . import __version__
+from . import __version__, events
 from ._db import database_errors, sync_engine
 from .client import (
     flow_status,
@@ -33,16 +34,19 @@ from .config import (
     default_data_dir,
     embedded_database_url,
     mask_password,
+    refuse_unclaimed_database_url,
     resolve_database_url,
 )
 from .dsl import Flow
 from .embedded import EmbeddedServer
 from .exceptions import (
     DashboardUnavailableError,
+    FlowNotFoundError,
     InvalidInputError,
     PgflowSaError,
     RunNotFoundError,
     RunTimeoutError,
+    deploy_advice,
 )
 from .models import RunStatus
 from .registry import FlowRegistry, load_registry
@@ -86,14 +90,23 @@ def clean_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _database_url(explicit: str | None) -> str:
+def _database_url(explicit: str | None, app: FlowRegistry | None = None) -> str:
     """The URL to use, starting the embedded server when nothing is configured."""
-    resolved = resolve_database_url(explicit)
+    resolved = resolve_database_url(explicit, app_url=app.database_url if app else None)
     if resolved is not None:
         return resolved.url
+    refuse_unclaimed_database_url()
     url = embedded_database_url()
     click.echo(f"using the embedded PostgreSQL at {url} (files in {default_data_dir()})", err=True)
     return url
+
+
+def _target(url: str) -> str:
+    """Where a URL really leads (libpq fills in what it leaves out: host, port, user,
+    database), read from the connection itself."""
+    with database_errors(url, PgflowSaError), sync_engine(url).connect() as conn:
+        info = conn.connection.dbapi_connection.info  # type: ignore[union-attr]
+        return f"host {info.host}, port {info.port}, database {info.dbname}, user {info.user}"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -118,7 +131,7 @@ def install(database_url: str | None, check: bool) -> None:
     installed by another tool is left as it is.
     """
     url = _database_url(database_url)
-    click.echo(f"database: {mask_password(url)}")
+    click.echo(f"database: {mask_password(url)} ({_target(url)})")
     if check:
         status = check_schema(url)
         for line in status.describe():
@@ -304,14 +317,14 @@ EXIT_WAIT_TIMEOUT = 4
 
 
 async def _start_and_follow(
-    url: str, flow: str, value: Any, run_id: uuid.UUID | None, wait: bool, timeout: float
+    url: str, flow: Flow | str, value: Any, run_id: uuid.UUID | None, wait: bool, timeout: float
 ) -> int:
     engine = async_engine_from_url(url, poolclass=NullPool)
     try:
         async with engine.begin() as conn:
             run = await start_flow_async(conn, flow, value, run_id=run_id)
         verb = "started" if run.created else "already existed"
-        click.echo(f"run {run.run_id} {verb} (flow {flow})", err=True)
+        click.echo(f"run {run.run_id} {verb} (flow {run.flow_slug})", err=True)
         if not wait:
             click.echo(str(run.run_id))
             return 0
@@ -342,15 +355,44 @@ async def _start_and_follow(
         await engine.dispose()
 
 
+def _input_value(text: str) -> tuple[Any, str]:
+    """The ``--input`` value and where it came from: JSON itself, ``@FILE`` (read from a
+    file, as curl's ``-d @file``) or ``-`` (read from stdin); large inputs need no
+    argument of their own size."""
+    if text == "-":
+        source = "--input (stdin)"
+        raw = sys.stdin.read()
+    elif text.startswith("@"):
+        path = text[1:]
+        source = f"--input file {path!r}"
+        try:
+            raw = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise InvalidInputError(f"cannot read {source}: {reason}") from None
+    else:
+        source, raw = "--input", text
+    try:
+        return json.loads(raw), source
+    except ValueError as exc:
+        raise InvalidInputError(f"{source} is not valid JSON: {exc}") from None
+
+
 @cli.command()
 @click.argument("flow")
+@click.option(
+    "--app",
+    metavar="APP",
+    help="The flows (package.module:attribute): FLOW's input is checked against its "
+    "declared input type before anything is started.",
+)
 @click.option(
     "--input",
     "input_text",
     default="{}",
     show_default=True,
-    metavar="JSON",
-    help="The flow input, as JSON.",
+    metavar="JSON|@FILE|-",
+    help="The flow input: JSON, @FILE to read it from a file, - to read it from stdin.",
 )
 @click.option("--run-id", metavar="UUID", help="Run id to use (starting it twice starts one run).")
 @click.option(
@@ -364,21 +406,42 @@ async def _start_and_follow(
 @clean_errors
 def start(
     flow: str,
+    app: str | None,
     input_text: str,
     run_id: str | None,
     wait: bool,
     timeout: float,
     database_url: str | None,
 ) -> None:
-    """Start a run of FLOW (a flow slug in the database) and print its id."""
-    try:
-        value = json.loads(input_text)
-    except ValueError as exc:
-        raise InvalidInputError(f"--input is not valid JSON: {exc}") from None
+    """Start a run of FLOW (a flow slug) and print its id.
+
+    With --app, the input is checked against the flow's declared input type (and
+    converted as the flow's type dumps it) before anything is started; without it,
+    only that it is JSON.
+    """
+    value, source = _input_value(input_text)
+    target: Flow | str = flow
+    registry: FlowRegistry | None = None
+    if app is not None:
+        registry = load_registry(app)
+        declared = _selected(registry, (flow,))[0]
+        try:
+            value = declared.validate_input(value)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{source}: {exc}") from None
+        target = declared
     rid = parse_run_id(run_id) if run_id is not None else None
-    url = _database_url(database_url)
-    with database_errors(url, PgflowSaError):
-        sys.exit(asyncio.run(_start_and_follow(url, flow, value, rid, wait, timeout)))
+    url = _database_url(database_url, registry)
+    try:
+        with database_errors(url, PgflowSaError):
+            code = asyncio.run(_start_and_follow(url, target, value, rid, wait, timeout))
+    except FlowNotFoundError:
+        if app is None:
+            raise
+        raise FlowNotFoundError(
+            f"flow {flow!r} is not in this database: {deploy_advice([flow], app)}"
+        ) from None
+    sys.exit(code)
 
 
 @cli.group()
@@ -550,8 +613,8 @@ def flows_deploy(app: str, flow_slugs: tuple[str, ...], database_url: str | None
     Flows already there and identical are left alone; a flow that differs is an
     error (pgflow flows cannot change shape in place).
     """
-    chosen = _selected(load_registry(app), flow_slugs)
-    report = deploy_flows(_database_url(database_url), chosen)
+    registry = load_registry(app)
+    report = deploy_flows(_database_url(database_url, registry), _selected(registry, flow_slugs))
     for slug in report.created:
         click.echo(f"created {slug}")
     for slug in report.unchanged:
@@ -600,21 +663,29 @@ def worker(
     from .worker import Worker, WorkerSettings, WorkerStartupError
 
     _configure_logging(log_level, log_format)
-    chosen = _selected(load_registry(app), flow_slugs)
+    registry = load_registry(app)
+    chosen = _selected(registry, flow_slugs)
     settings = WorkerSettings.from_env(
         max_concurrency=concurrency, batch_size=batch_size, shutdown_timeout=shutdown_timeout
     )
-    url = _database_url(database_url)
+    url = _database_url(database_url, registry)
     runner = Worker(chosen, url, settings=settings, name=f"pgflow-sa:{app}")
-    click.echo(f"pgflow-sa {__version__} worker for {app}", err=True)
-    click.echo(f"  database: {mask_password(url)}", err=True)
-    for flow in chosen:
-        click.echo(
-            f"  flow {flow.slug}: queue {flow.slug}, {len(flow.steps)} step(s), "
-            f"worker id {runner.worker_ids[flow.slug]}",
-            err=True,
-        )
-    click.echo(f"  settings: {settings.describe()}", err=True)
+
+    def banner(event: events.Event) -> None:
+        # once the start-up checks passed: a worker that cannot start says only why
+        if event.name != "worker.start":
+            return
+        click.echo(f"pgflow-sa {__version__} worker for {app}", err=True)
+        click.echo(f"  database: {mask_password(url)}", err=True)
+        for flow in chosen:
+            click.echo(
+                f"  flow {flow.slug}: queue {flow.slug}, {len(flow.steps)} step(s), "
+                f"worker id {runner.worker_ids[flow.slug]}",
+                err=True,
+            )
+        click.echo(f"  settings: {settings.describe()}", err=True)
+
+    unsubscribe = events.subscribe(banner)
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
@@ -629,6 +700,8 @@ def worker(
         for line in exc.details:
             click.echo(f"  {line}", err=True)
         sys.exit(1)
+    finally:
+        unsubscribe()
     click.echo("worker stopped", err=True)
 
 

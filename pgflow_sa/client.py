@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, Operation
 
 from ._db import database_errors, first_line
 from .dsl import Flow
-from .exceptions import FlowNotFoundError, InvalidInputError, PgflowSaError
+from .exceptions import FlowNotFoundError, InvalidInputError, PgflowSaError, deploy_advice
 from .models import (
     FlowStatus,
     Run,
@@ -144,11 +144,7 @@ def _prepare(
 
 
 def _not_found(slug: str) -> FlowNotFoundError:
-    return FlowNotFoundError(
-        f"flow {slug!r} is not in this database: create it with the SQL that "
-        f"`pgflow-sa compile APP {slug}` prints (for example "
-        f'`pgflow-sa compile APP {slug} | psql "$DATABASE_URL"`), or with an Alembic migration'
-    )
+    return FlowNotFoundError(f"flow {slug!r} is not in this database: {deploy_advice([slug])}")
 
 
 def _translate(exc: DBAPIError, slug: str) -> PgflowSaError:

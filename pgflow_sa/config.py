@@ -128,6 +128,14 @@ def _driver_url(url: str | URL, driver: Driver, *, translate: bool) -> URL:
             raise ConfigurationError(
                 f"invalid database URL {mask_password(text)!r}: {exc}; expected e.g. {_EXAMPLE}"
             ) from None
+    if parsed.username == "":
+        # libpq would connect as its default user to its default database on its default
+        # host: nothing of what was typed says where, so refuse rather than guess
+        raise ConfigurationError(
+            f"invalid database URL {mask_password(parsed)!r}: it has no user name before "
+            f"'@'; write the user (e.g. {_EXAMPLE}), or leave out 'user:password@' to "
+            "connect as libpq's default user"
+        )
     backend = parsed.get_backend_name()
     if backend not in _POSTGRES_SCHEMES:
         raise ConfigurationError(
@@ -252,7 +260,7 @@ def _mask_parameters(text: str) -> str:
 
 @dataclass(frozen=True)
 class ResolvedUrl:
-    """A database URL and where it came from (``flag``, ``env``, ``pyproject``)."""
+    """A database URL and where it came from (``flag``, ``env``, ``app``, ``pyproject``)."""
 
     url: str
     source: str
@@ -281,9 +289,10 @@ def _pyproject_url(start: Path) -> str | None:
 
 
 def resolve_database_url(
-    explicit: str | None = None, cwd: Path | None = None
+    explicit: str | None = None, cwd: Path | None = None, app_url: str | None = None
 ) -> ResolvedUrl | None:
     """The configured database URL: the explicit value, else ``PGFLOW_SA_DATABASE_URL``,
+    else ``app_url`` (the one an APP's ``FlowRegistry(database_url=...)`` hands over),
     else ``database-url`` in ``[tool.pgflow-sa]`` of the nearest pyproject.toml.
     None means nothing is configured (the CLI then uses the embedded server)."""
     if explicit:
@@ -291,6 +300,8 @@ def resolve_database_url(
     from_env = os.environ.get(DATABASE_URL_ENV, "").strip()
     if from_env:
         return ResolvedUrl(from_env, "env")
+    if app_url:
+        return ResolvedUrl(app_url, "app")
     from_file = _pyproject_url((cwd or Path.cwd()).resolve())
     if from_file:
         return ResolvedUrl(from_file, "pyproject")
@@ -309,9 +320,30 @@ def default_data_dir(cwd: Path | None = None) -> Path:
 def get_database_url(explicit: str | None = None) -> str:
     """The database to use, as the CLI picks it: ``explicit``, else
     ``PGFLOW_SA_DATABASE_URL``, else ``[tool.pgflow-sa] database-url``, else the
-    embedded server (started if it is not running; files in :func:`default_data_dir`)."""
+    embedded server (started if it is not running; files in :func:`default_data_dir`).
+    With nothing configured but ``DATABASE_URL`` set, raises ConfigurationError
+    rather than start an embedded server beside the database that was meant."""
     resolved = resolve_database_url(explicit)
-    return resolved.url if resolved is not None else embedded_database_url()
+    if resolved is not None:
+        return resolved.url
+    refuse_unclaimed_database_url()
+    return embedded_database_url()
+
+
+#: the variable many apps (Heroku, Django, Rails, ...) read their database from
+FOREIGN_DATABASE_URL_ENV = "DATABASE_URL"
+
+
+def refuse_unclaimed_database_url() -> None:
+    """Nothing configures pgflow-sa's database, yet ``DATABASE_URL`` names one: the
+    user surely meant it, so say how to use it instead of starting the embedded server."""
+    if os.environ.get(FOREIGN_DATABASE_URL_ENV, "").strip():
+        raise ConfigurationError(
+            f"{FOREIGN_DATABASE_URL_ENV} is set but pgflow-sa reads {DATABASE_URL_ENV} "
+            f'(or --database-url): export {DATABASE_URL_ENV}="${FOREIGN_DATABASE_URL_ENV}" '
+            f"to use that database, or unset {FOREIGN_DATABASE_URL_ENV} to use the "
+            "embedded server"
+        )
 
 
 def embedded_database_url() -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
+from collections.abc import Iterable
+
 
 class PgflowSaError(Exception):
     """Base class of every pgflow-sa error."""
@@ -57,3 +60,12 @@ class RunTimeoutError(PgflowSaError, TimeoutError):
 
 class DashboardUnavailableError(PgflowSaError, ImportError):
     """The dashboard needs Starlette and Jinja2: pip install 'pgflow-sa[dashboard]'."""
+
+
+def deploy_advice(flow_slugs: Iterable[str], app: str | None = None) -> str:
+    """The one piece of advice for flows missing from a database, wherever they are
+    found missing: the command that creates them, each word shell-quoted (a slug is
+    user input), with ``APP`` standing for the import path of the flows when unknown."""
+    words = ["pgflow-sa", "flows", "deploy", shlex.quote(app) if app else "APP"]
+    words += [shlex.quote(slug) for slug in flow_slugs]
+    return f"create it with `{' '.join(words)}` (or an Alembic migration)"

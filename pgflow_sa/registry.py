@@ -8,6 +8,8 @@ import os
 import sys
 from collections.abc import Iterable, Iterator
 
+from sqlalchemy.engine import URL
+
 from .dsl import Flow
 from .exceptions import ConfigurationError, FlowDefinitionError
 
@@ -17,10 +19,20 @@ class FlowRegistry:
 
     registry = FlowRegistry(article_flow, order_flow)
     registry.register(report_flow)
+
+    ``database_url`` hands the app's own database to the commands given this
+    registry as APP (``pgflow-sa worker``, ``flows deploy``, ``start --app``): they
+    use it unless ``--database-url`` or ``PGFLOW_SA_DATABASE_URL`` says otherwise,
+    e.g. ``FlowRegistry(signup, database_url=settings.database_url)``.
     """
 
-    def __init__(self, *flows: Flow) -> None:
+    def __init__(self, *flows: Flow, database_url: str | URL | None = None) -> None:
         self._flows: dict[str, Flow] = {}
+        self.database_url = (
+            database_url.render_as_string(hide_password=False)
+            if isinstance(database_url, URL)
+            else database_url or None
+        )
         for flow in flows:
             self.register(flow)
 

@@ -46,7 +46,12 @@ def run_cli(
     timeout: float = 120,
 ) -> subprocess.CompletedProcess[str]:
     """Run the installed ``pgflow-sa`` console script."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PGFLOW_SA_")}
+    # DATABASE_URL too: set alone, it makes commands refuse to use the embedded server
+    full_env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PGFLOW_SA_") and k != "DATABASE_URL"
+    }
     full_env.update(env or {})
     return subprocess.run(
         [CLI, *args],

@@ -137,8 +137,8 @@ def test_unknown_flow_names_the_fix_and_keeps_the_transaction(url: str, engine: 
         with pytest.raises(FlowNotFoundError) as info:
             start_flow(session, "not_deployed", {})
         assert str(info.value).startswith(
-            "flow 'not_deployed' is not in this database: create it with the SQL that "
-            "`pgflow-sa compile APP not_deployed` prints"
+            "flow 'not_deployed' is not in this database: create it with "
+            "`pgflow-sa flows deploy APP not_deployed` (or an Alembic migration)"
         )
         start_flow(session, chain, {"still": "usable"})
     assert _counts(url, "chain_flow") == (1, 2, 1)

@@ -139,10 +139,13 @@ def _serving(
     """Apply the example's migrations, serve it on loopback and run its worker; yields
     the base URL. The worker must exit 0 on SIGTERM."""
     bin_dir = Path(sys.executable).parent
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PGFLOW_SA_")}
-    env.update(
-        {"DATABASE_URL": db_url, "PGFLOW_SA_DATABASE_URL": db_url, "PYTHONPATH": str(app_dir)}
-    )
+    # the one variable every part reads: the app, its migrations and its worker agree
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PGFLOW_SA_") and k not in ("DATABASE_URL", "PYTHONPATH")
+    }
+    env["PGFLOW_SA_DATABASE_URL"] = db_url
     migrated = subprocess.run(
         [str(bin_dir / "alembic"), "upgrade", "head"],
         cwd=app_dir,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import importlib
 import inspect
 import os
@@ -114,17 +115,105 @@ def test_worker_settings_table_matches_the_settings() -> None:
 
 
 def test_every_code_block_is_run_by_a_test_or_ci() -> None:
-    """Blocks live in "Set up" (run verbatim by .ci/run) or in "Reference" (run by the
-    test below); anything else would go unexercised."""
+    """Blocks live in "Set up" (run verbatim by .ci/run), "Examples" or "Reference" (run
+    by the tests below); anything else would go unexercised."""
     found = blocks()
     assert found, "no code blocks found in README.md"
-    elsewhere = [b for b in found if b.chapter not in ("Set up", "Reference")]
-    assert elsewhere == [], f"code blocks outside Set up and Reference: {elsewhere}"
+    elsewhere = [b for b in found if b.chapter not in ("Set up", "Examples", "Reference")]
+    assert elsewhere == [], f"code blocks outside Set up, Examples and Reference: {elsewhere}"
+    examples = {b.section for b in found if b.chapter == "Examples"}
+    assert examples == set(EXAMPLE_SECTIONS), examples
     assert {b.lang for b in found} <= {"python", "sh"}, "only python and sh blocks are run"
     ci = (ROOT / ".ci" / "run").read_text()
     assert len(setup_commands()) == 2
     for number in (1, 2):
         assert f'"$(python3 tests/readme_blocks.py setup {number})"' in ci, number
+
+
+#: the example sections, and what each prints once its run completed
+EXAMPLE_SECTIONS = {
+    "FastAPI": '"status":"completed"',
+    "Flask": '"output":{"welcome":"Welcome, ada@example.com!"},"status":"completed"',
+}
+#: the first line of each example: installing takes minutes (a build with npm), so the
+#: test checks that what it installs is there instead of running it
+EXAMPLE_INSTALL = "python3 -m venv .venv && .venv/bin/pip install -e '.[examples]'"
+
+
+def _extra_requirements(extra: str) -> list[str]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return list(project["optional-dependencies"][extra])
+
+
+def _unmet(requirements: list[str]) -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+
+    unmet = []
+    for text in requirements:
+        requirement = Requirement(text)
+        try:
+            installed = version(requirement.name)
+        except PackageNotFoundError:
+            unmet.append(text)
+            continue
+        if not requirement.specifier.contains(installed, prereleases=True):
+            unmet.append(f"{text} (installed: {installed})")
+    return unmet
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("section", sorted(EXAMPLE_SECTIONS))
+def test_example_runs_as_written(section: str, tmp_path: Path, databases: DatabaseFactory) -> None:
+    """An example section's block, in a new shell from a checkout, with only the
+    variables the README names: the app answers, the worker completes the run."""
+    (block,) = [b for b in blocks() if b.chapter == "Examples" and b.section == section]
+    first, *commands = block.code.strip().splitlines()
+    assert first == EXAMPLE_INSTALL, first
+    assert _unmet(_extra_requirements("examples")) == []
+    assert "pgflow-sa[examples]" in _extra_requirements("dev")
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / ".venv").symlink_to(sys.prefix, target_is_directory=True)
+    (checkout / "examples").symlink_to(ROOT / "examples", target_is_directory=True)
+    # a new shell: nothing of the test's environment but a PATH without this venv
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p) != BIN]
+    env = {
+        "PATH": os.pathsep.join(path),
+        "HOME": str(tmp_path),
+        "PGFLOW_SA_DATABASE_URL": databases.create(prefix="pgflow_sa_example"),
+        "PORT": str(_free_port()),
+    }
+    proc = subprocess.Popen(
+        ["bash", "-e", "-c", "\n".join(commands)],
+        cwd=checkout,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its background jobs die with it, whatever happens
+    )
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    where = f"README.md:{block.line} ({section})"
+    assert proc.returncode == 0, f"{where}: exited with {proc.returncode}\n{out}\n{err}"
+    assert EXAMPLE_SECTIONS[section] in out, f"{where}:\n{out}\n{err}"
 
 
 class ReadmeRun:

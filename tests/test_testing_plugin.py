@@ -41,3 +41,45 @@ def test_missing_flows_fixture_is_explained(tmp_path: Path) -> None:
     )
     assert proc.returncode != 0
     assert "override the pgflow_flows fixture in your conftest.py" in proc.stdout + proc.stderr
+
+
+def test_plain_pytest_imports_the_project_in_a_fresh_project(tmp_path: Path) -> None:
+    """`pytest tests` from the project folder, no PYTHONPATH, no pytest settings: the
+    conftest imports the project's own package (as the README's Testing section does)."""
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "fresh"\nversion = "0"\n')
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "__init__.py").write_text("")
+    (tmp_path / "fresh" / "flows.py").write_text(
+        "from pgflow_sa import Flow, FlowRegistry\n\n"
+        "hello = Flow('fresh_hello')\n\n\n"
+        "@hello.step\n"
+        "def greet(input: dict) -> str:\n"
+        "    return f\"Hello, {input['name']}!\"\n\n\n"
+        "registry = FlowRegistry(hello)\n"
+    )
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "conftest.py").write_text(
+        "import pytest\n\nfrom fresh.flows import registry\n\n\n"
+        "@pytest.fixture(scope='session')\n"
+        "def pgflow_flows():\n"
+        "    return registry\n"
+    )
+    (tmp_path / "tests" / "test_hello.py").write_text(
+        "from fresh.flows import hello\n"
+        "from pgflow_sa.testing import run_flow\n\n\n"
+        "def test_hello(pgflow_database_url):\n"
+        "    run = run_flow(pgflow_database_url, hello, {'name': 'Ada'})\n"
+        "    assert run.output == {'greet': 'Hello, Ada!'}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [str(BIN / "pytest"), "-q", "-p", "no:cacheprovider", "tests"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 passed" in proc.stdout

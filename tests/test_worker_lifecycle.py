@@ -82,7 +82,10 @@ async def test_missing_flow_refuses_to_start(db_url: str) -> None:
     with pytest.raises(WorkerStartupError) as info:
         await worker.run()
     assert str(info.value).startswith("flow(s) 'w_checked' are not in the database at ")
-    assert "create them with `pgflow-sa flows deploy APP --database-url URL`" in str(info.value)
+    assert info.value.details[0] == (
+        "create it with `pgflow-sa flows deploy APP w_checked` (or an Alembic migration), "
+        "then start the worker again"
+    )
 
 
 async def test_different_flow_refuses_to_start_and_shows_the_diff(db_url: str) -> None:

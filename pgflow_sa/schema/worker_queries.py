@@ -141,10 +141,22 @@ ORDER BY o.run_id, o.step_slug, o.task_index
     return text(sql).bindparams(*_FENCE_BINDS, values).columns(*_SETTLED)
 
 
+# pgflow 0.8.1's complete_task leaves a task of a failed run as it is (started), so it
+# would stay held until taken for stalled; fail_task ends such a task (failed, message
+# archived, no retry) with a reason naming the step that failed the run.
+_COMPLETE_OR_END = """(SELECT CASE WHEN r.status = 'failed' THEN (
+    SELECT count(*) FROM pgflow.fail_task(o.run_id, o.step_slug, o.task_index, format(
+        'Discarded: the run failed before this task finished (step %s: %s)',
+        (SELECT ss.step_slug FROM pgflow.step_states ss
+          WHERE ss.run_id = o.run_id AND ss.status = 'failed' ORDER BY ss.failed_at LIMIT 1),
+        (SELECT ss.error_message FROM pgflow.step_states ss
+          WHERE ss.run_id = o.run_id AND ss.status = 'failed' ORDER BY ss.failed_at LIMIT 1))))
+  ELSE (SELECT count(*) FROM pgflow.complete_task(
+    o.run_id, o.step_slug, o.task_index, (:values) -> (o.n::int - 1)))
+  END FROM pgflow.runs r WHERE r.run_id = o.run_id) AS outcome"""
 # outputs travel as one JSON array, so falsy values stay themselves
 _COMPLETE_FENCED = _fenced_call(
-    "pgflow.complete_task(o.run_id, o.step_slug, o.task_index, (:values) -> (o.n::int - 1))",
-    bindparam("values", type_=JSONB(none_as_null=False)),
+    _COMPLETE_OR_END, bindparam("values", type_=JSONB(none_as_null=False))
 )
 _FAIL_FENCED = _fenced_call(
     "pgflow.fail_task(o.run_id, o.step_slug, o.task_index, (:values)[o.n::int])",
@@ -161,7 +173,8 @@ def _in_fence_order(fences: Sequence[Fence], values: Sequence[Any]) -> list[Any]
 
 def complete_fenced(fences: Sequence[Fence], outputs: Sequence[Any]) -> Query:
     """``pgflow.complete_task`` for each task still held as its fence says; returns the
-    keys it completed."""
+    keys it settled. A task whose run failed meanwhile is failed instead, saying so
+    (its output is not kept, as pgflow keeps nothing of a failed run)."""
     return _COMPLETE_FENCED, {
         **_fence_params(fences),
         "values": _in_fence_order(fences, outputs),

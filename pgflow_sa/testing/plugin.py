@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -37,6 +38,18 @@ from ..schema import install_schema
 from ..schema.deploy import deploy_flows
 
 TEST_URL_ENV = "PGFLOW_SA_TEST_DATABASE_URL"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    """Make the project importable before conftest.py files are, as ``python -m pytest``
+    (the folder it runs in) and pytest's ``pythonpath`` option (the rootdir) do: a
+    ``tests/conftest.py`` that imports the project's flows then works with plain
+    ``pytest``. Appended, so nothing installed is shadowed."""
+    for folder in (early_config.invocation_params.dir, early_config.rootpath):
+        path = str(folder)
+        if path not in sys.path:
+            sys.path.append(path)
 
 
 def with_database(url: str, database: str) -> str:

@@ -18,7 +18,7 @@ from .. import events
 from .._backoff import Backoff
 from .._db import DB_ERRORS, ErrorKind, classify, first_line, sqlstate
 from ..config import mask_password
-from ..exceptions import PgflowSaError
+from ..exceptions import PgflowSaError, deploy_advice
 from ..registry import FlowRegistry
 from ..schema import worker_queries
 from ..schema.shapes import read_flow_shape_async
@@ -134,11 +134,14 @@ class Lifecycle:
         where = mask_password(self._engine.url)
         if missing:
             names = ", ".join(repr(m) for m in missing)
+            # the CLI names its workers pgflow-sa:APP, so its advice can name the APP
+            app = self._name.partition("pgflow-sa:")[2] or None
             raise WorkerStartupError(
-                f"flow(s) {names} are not in the database at {where}: "
-                "create them with `pgflow-sa flows deploy APP --database-url URL` "
-                "(or an Alembic migration), then start the worker again",
-                [f"missing: {m}" for m in missing],
+                f"flow(s) {names} are not in the database at {where}",
+                [
+                    f"{deploy_advice(missing, app)}, then start the worker again",
+                    *(f"missing: {m}" for m in missing),
+                ],
             )
         if problems:
             raise WorkerStartupError(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,13 +10,14 @@ from typing import Any
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
-from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from pgflow_sa import (
     RunTimeoutError,
+    async_engine_from_url,
+    get_database_url,
     get_run_async,
     start_flow_async,
-    to_sqlalchemy_url,
     wait_for_run_async,
     watch_run,
 )
@@ -25,7 +25,9 @@ from pgflow_sa import (
 from .flows import article_flow
 from .models import Article
 
-engine = create_async_engine(to_sqlalchemy_url(os.environ["DATABASE_URL"], "asyncpg"))
+# the database every pgflow-sa command uses: PGFLOW_SA_DATABASE_URL, else the embedded
+# server in the current folder (so the app, its migrations and its worker agree)
+engine = async_engine_from_url(get_database_url())
 app = FastAPI(title="pgflow-sa example")
 
 

@@ -1,5 +1,4 @@
 import asyncio
-import os
 from logging.config import fileConfig
 
 from alembic import context
@@ -10,7 +9,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import async_engine_from_config
 
 import alembic_ext
-from pgflow_sa import to_sqlalchemy_url
+from pgflow_sa import get_database_url, to_sqlalchemy_url
 
 # the app's pgflow flows: autogenerate installs pgflow and creates/updates them
 alembic_ext.register_flows(registry)
@@ -30,8 +29,9 @@ if config.config_file_name is not None:
 # target_metadata = mymodel.Base.metadata
 target_metadata = Base.metadata
 
-# the database comes from DATABASE_URL, like the app's
-_url = to_sqlalchemy_url(os.environ["DATABASE_URL"], "asyncpg")
+# the database of the app and of every pgflow-sa command: PGFLOW_SA_DATABASE_URL,
+# else the embedded server in the current folder
+_url = to_sqlalchemy_url(get_database_url(), "asyncpg")
 config.set_main_option(
     "sqlalchemy.url", _url.render_as_string(hide_password=False).replace("%", "%%")
 )

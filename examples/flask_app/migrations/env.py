@@ -1,4 +1,3 @@
-import os
 from logging.config import fileConfig
 
 from alembic import context
@@ -7,7 +6,7 @@ from shop.models import Base
 from sqlalchemy import engine_from_config, pool
 
 import alembic_ext
-from pgflow_sa import to_sqlalchemy_url
+from pgflow_sa import get_database_url, to_sqlalchemy_url
 
 alembic_ext.register_flows(registry)
 
@@ -26,7 +25,9 @@ if config.config_file_name is not None:
 # target_metadata = mymodel.Base.metadata
 target_metadata = Base.metadata
 
-_url = to_sqlalchemy_url(os.environ["DATABASE_URL"], "psycopg")
+# the database of the app and of every pgflow-sa command: PGFLOW_SA_DATABASE_URL,
+# else the embedded server in the current folder
+_url = to_sqlalchemy_url(get_database_url(), "psycopg")
 config.set_main_option(
     "sqlalchemy.url", _url.render_as_string(hide_password=False).replace("%", "%%")
 )

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from flask import Flask, abort, request
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
-from pgflow_sa import RunTimeoutError, get_run, start_flow, to_sqlalchemy_url, wait_for_run
+from pgflow_sa import (
+    RunTimeoutError,
+    get_database_url,
+    get_run,
+    start_flow,
+    to_sqlalchemy_url,
+    wait_for_run,
+)
 
 from .flows import signup
 from .models import User
 
-engine = create_engine(to_sqlalchemy_url(os.environ["DATABASE_URL"], "psycopg"))
+# the database every pgflow-sa command uses: PGFLOW_SA_DATABASE_URL, else the embedded
+# server in the current folder (so the app, its migrations and its worker agree)
+engine = create_engine(to_sqlalchemy_url(get_database_url(), "psycopg"))
 app = Flask(__name__)
 
 
