@@ -160,12 +160,15 @@ class UpgradePgflowOp(MigrateOperation):
         return ("upgrade_pgflow", self.previous, self.version, tuple(self.migrations))
 
     def scripts(self) -> list[str]:
-        # the listed migrations start with PUBLISHER_UPDATE when our realtime.send is outdated
+        # the listed migrations start with PUBLISHER_UPDATE when our realtime.send is
+        # outdated, and end with SCHEDULES_UPDATE when the schedules tables are missing
+        # (the install script creates those where they are missing in any case)
+        ours = (installer.PUBLISHER_UPDATE, installer.SCHEDULES_UPDATE)
         return installer.install_script(
             self.version,
             pgmq=None,
             realtime_send=installer.PUBLISHER_UPDATE in self.migrations,
-            only=[name for name in self.migrations if name != installer.PUBLISHER_UPDATE],
+            only=[name for name in self.migrations if name not in ours],
         )
 
 

@@ -52,7 +52,7 @@ from .waiting import watch_run
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-database_url_option = click.option(
+database_url_option: Callable[[F], F] = click.option(
     "--database-url",
     metavar="URL",
     help=(
@@ -550,6 +550,13 @@ def flows_deploy(app: str, flow_slugs: tuple[str, ...], database_url: str | None
         click.echo(f"created {slug}")
     for slug in report.unchanged:
         click.echo(f"unchanged {slug}")
+    for what, names in (
+        ("added", report.schedules_added),
+        ("updated", report.schedules_updated),
+        ("removed", report.schedules_removed),
+    ):
+        for name in names:
+            click.echo(f"schedule {what} {name}")
 
 
 @cli.command()
@@ -647,3 +654,9 @@ def _run_to_the_end(main: Coroutine[Any, Any, None]) -> None:
 
 def main() -> None:
     cli(prog_name="pgflow-sa")
+
+
+# the `schedules` group lives in its own module (it uses the helpers above)
+from .schedules.cli import schedules as _schedules  # noqa: E402
+
+cli.add_command(_schedules)

@@ -53,3 +53,7 @@ class RunTimeoutError(PgflowSaError, TimeoutError):
     def __init__(self, message: str | None = None, *, run: object = None) -> None:
         super().__init__(message)
         self.run = run
+
+
+class ScheduleNotFoundError(PgflowSaError, LookupError):
+    """There is no such schedule in this database."""
