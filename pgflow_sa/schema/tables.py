@@ -303,6 +303,7 @@ schedules = Table(
     CheckConstraint("catch_up_limit >= 1", name="schedules_catch_up_limit_check"),
     Index("idx_schedules_flow_slug", "flow_slug"),
     schema=PGFLOW_SA_SCHEMA,
+    comment="pgflow-sa: v1 schedules (next_fire_at NULL: computed by the next worker that looks)",
 )
 
 schedule_runs = Table(
@@ -318,6 +319,7 @@ schedule_runs = Table(
     PrimaryKeyConstraint("schedule_name", "tick", name="schedule_runs_pkey"),
     Index("idx_schedule_runs_run_id", "run_id"),
     schema=PGFLOW_SA_SCHEMA,
+    comment="pgflow-sa: v1 runs started by schedules",
 )
 
 __all__ = [
