@@ -63,7 +63,9 @@ def test_three_workers_racing_start_exactly_one_run_per_tick(db_url: str, tmp_pa
             "LEFT JOIN pgflow.runs r USING (run_id) "
             "WHERE s.schedule_name = 'every_second' ORDER BY s.tick"
         ).fetchall()
-        runs = conn.execute("SELECT count(*) FROM pgflow.runs WHERE flow_slug = 'ticking'").fetchone()
+        runs = conn.execute(
+            "SELECT count(*) FROM pgflow.runs WHERE flow_slug = 'ticking'"
+        ).fetchone()
     ticks = [tick for tick, _, _ in fired]
     # every second has its tick, from the first one on
     assert len(ticks) >= RACE_SECONDS, logs
