@@ -18,8 +18,7 @@ orders.step(slug="ship", depends_on=["load"])(lambda i, c: i)
 registry = FlowRegistry(orders)
 """
 NIGHTLY = (
-    'orders.schedule("{cron}", name="nightly", input={{"kind": "daily"}}, '
-    'timezone="Europe/Paris")'
+    'orders.schedule("{cron}", name="nightly", input={{"kind": "daily"}}, timezone="Europe/Paris")'
 )
 
 
@@ -40,20 +39,30 @@ def _ops(migration: str) -> list[str]:
 
 def test_autogenerate_adds_changes_and_removes_schedules(empty_db_url: str, tmp_path: Path) -> None:
     project = Project(tmp_path, "generic", empty_db_url)
+    _flows(project, "")
+    project.revision("pgflow")
+    project.run("upgrade", "head")
+    with psycopg.connect(empty_db_url) as conn:  # as installed before schedules existed
+        conn.execute("DROP TABLE pgflow_sa.schedules, pgflow_sa.schedule_runs")
+
+    # a schedule added to the code: the table comes with the upgrade op, then the schedule
     _flows(project, NIGHTLY.format(cron="0 3 * * *"))
-    first = project.revision("pgflow")
+    added = project.revision("schedule")
     created = (
         "op.invoke(pgflow_ops.CreateScheduleOp('nightly', 'orders', '0 3 * * *', "
         "timezone='Europe/Paris', input={'kind': 'daily'}, input_function=None, "
         "catch_up='latest', catch_up_limit=10))"
     )
-    ops = _ops(first)
-    assert ops[-1] == created
-    assert "CreateFlowOp('orders'" in ops[-2]
-    downgrade = first.split("def downgrade()", 1)[1]
+    ops = _ops(added)
+    assert len(ops) == 2
+    assert ops[0].startswith("op.invoke(pgflow_ops.UpgradePgflowOp('0.8.1', previous='0.8.1'")
+    assert ops[1] == created
+    downgrade = added.split("def downgrade()", 1)[1]
     assert created.replace("CreateScheduleOp", "DropScheduleOp") in downgrade
     project.run("upgrade", "head")
-    assert _stored(empty_db_url) == [("nightly", "0 3 * * *", "Europe/Paris", {"kind": "daily"}, None)]
+    assert _stored(empty_db_url) == [
+        ("nightly", "0 3 * * *", "Europe/Paris", {"kind": "daily"}, None)
+    ]
     check = project.run("check")
     assert "No new upgrade operations detected" in check.stdout + check.stderr
 
@@ -85,21 +94,3 @@ def test_autogenerate_adds_changes_and_removes_schedules(empty_db_url: str, tmp_
     assert _stored(empty_db_url) == []
     project.run("downgrade", "-1")
     assert [row[:2] for row in _stored(empty_db_url)] == [("nightly", "0 4 * * *")]
-
-
-def test_an_older_install_gets_the_schedules_table_from_autogenerate(
-    empty_db_url: str, tmp_path: Path
-) -> None:
-    project = Project(tmp_path, "generic", empty_db_url)
-    project.revision("pgflow")
-    project.run("upgrade", "head")
-    with psycopg.connect(empty_db_url) as conn:  # as installed before schedules existed
-        conn.execute("DROP TABLE pgflow_sa.schedules, pgflow_sa.schedule_runs")
-    _flows(project, NIGHTLY.format(cron="0 3 * * *"))
-    ops = _ops(project.revision("schedules"))
-    assert ops[0].startswith("op.invoke(pgflow_ops.UpgradePgflowOp('0.8.1', previous='0.8.1'")
-    assert ops[1].startswith("op.invoke(pgflow_ops.CreateScheduleOp('nightly'")
-    project.run("upgrade", "head")
-    assert [row[0] for row in _stored(empty_db_url)] == ["nightly"]
-    check = project.run("check")
-    assert "No new upgrade operations detected" in check.stdout + check.stderr
