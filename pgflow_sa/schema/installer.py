@@ -228,7 +228,8 @@ def _status(conn: Connection, version: str) -> tuple[SchemaStatus, _Probe, set[s
             if state is SchemaState.INSTALLED:
                 state = SchemaState.OUTDATED
         schedules = "installed" if probe.has_schedules else "missing"
-        if state is not SchemaState.MISSING and not probe.has_schedules:
+        # a schema another tool installed is left exactly as it is: no tables of ours
+        if managed == "pgflow-sa" and not probe.has_schedules:
             pending = (*pending, SCHEDULES_UPDATE)
             if state is SchemaState.INSTALLED:
                 state = SchemaState.OUTDATED
@@ -402,7 +403,6 @@ def install(
             )
         if before.realtime_send == "pgflow-sa (outdated)":  # ours, unlike the schema
             _install_realtime_send(conn, before.realtime_send, actions)
-        _install_schedules(conn, probe, actions)  # ours too
         after = _status(conn, version)[0] if actions else before
         return InstallReport(before, after, actions)
     if not probe.has_plpgsql:

@@ -41,9 +41,10 @@ _EXISTS = text(
 
 
 class SchedulesMissingError(PgflowSaError):
-    """This database has no pgflow_sa.schedules table (pgflow-sa was installed before
-    schedules existed): run `pgflow-sa install` (or an Alembic migration with the
-    UpgradePgflowOp autogenerate writes) to add it."""
+    """This database has no pgflow_sa.schedules table: run `pgflow-sa install` (or an
+    Alembic migration with the UpgradePgflowOp autogenerate writes) to add it. Where
+    another tool installed pgflow, pgflow-sa adds nothing to the database by itself:
+    create the tables with the SQL of pgflow_sa/schema/sql/schedules.sql."""
 
 
 def exists_statement() -> Executable:
