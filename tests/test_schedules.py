@@ -257,3 +257,30 @@ def test_an_install_without_schedules_is_upgraded(db_url: str) -> None:
     assert any("schedules tables" in action for action in report.actions)
     assert check_schema(db_url).state is SchemaState.INSTALLED
     assert deploy_flows(db_url, make_flow(cron="0 * * * *")).schedules_added == ["reports"]
+
+
+async def test_an_idle_scheduler_looks_about_once_a_second(
+    db_url: str, engine: AsyncEngine
+) -> None:
+    from sqlalchemy import event
+
+    from pgflow_sa.worker.scheduler import Scheduler
+
+    flow = make_flow(cron="0 3 * * *")
+    deploy_flows(db_url, flow)
+    statements: list[str] = []
+
+    def seen(conn: object, cursor: object, statement: str, *args: object) -> None:
+        statements.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", seen)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(Scheduler(engine, [flow]).run(stopping))
+    await asyncio.sleep(3.5)
+    stopping.set()
+    await asyncio.wait_for(task, 5)
+    looks = [s for s in statements if "clock_timestamp()" in s]
+    assert 3 <= len(looks) <= 5, statements
+    # besides the looks, only setting the new schedule's next fire time (read, update)
+    assert len(statements) - len(looks) == 2, statements
+    assert stored(db_url)["next_fire_at"] is not None
