@@ -7,7 +7,9 @@ from datetime import datetime, timezone
 
 import click
 
-from ..cli import _database_url, _table, clean_errors, database_url_option
+from .._cli_common import clean_errors, database_url_option
+from .._cli_common import database_url as _database_url
+from .._cli_common import table as _table
 from ..registry import load_registry
 from .cron import zone
 from .manage import list_schedules, pause_schedule, resume_schedule, trigger_schedule
