@@ -121,3 +121,16 @@ def test_schedules_commands_on_a_database_without_the_table(db_url: str, command
         conn.execute("DROP TABLE pgflow_sa.schedules, pgflow_sa.schedule_runs")
     proc = run_cli("schedules", command, "x", "--database-url", db_url)
     assert_one_line_error(proc, "no pgflow_sa.schedules table", "pgflow-sa install")
+
+
+def test_the_schedules_cli_module_imports_on_its_own() -> None:
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", "import pgflow_sa.schedules.cli as m; print(m.schedules.name)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (proc.returncode, proc.stdout) == (0, "schedules\n"), proc.stderr
