@@ -211,7 +211,10 @@ def compare_pgflow(autogen_context: AutogenContext, upgrade_ops: UpgradeOps, sch
             # drop_unregistered= is the opt-in to deleting the runs
             _detected("removed pgflow flow %r (not registered)", slug)
             ops.append(DropFlowOp(slug, compile_shape(stored), delete_runs=True))
-    ops += _compare_schedules(autogen_context, registry)
+    if any(isinstance(op, (InstallPgflowOp, UpgradePgflowOp)) for op in ops) or (
+        installed and schedules_installed(conn)
+    ):  # else there is no schedules table, nor one coming (install_schema=False)
+        ops += _compare_schedules(autogen_context, registry)
     upgrade_ops.ops.extend(ops)
 
 
@@ -222,7 +225,8 @@ def _compare_schedules(autogen_context: AutogenContext, registry: FlowRegistry) 
     assert conn is not None
     flows = [f for f in registry if _include_name(autogen_context, f.slug)]
     code = [s.stored() for f in flows for s in f.schedules]
-    stored = read_definitions(conn, [f.slug for f in flows]) if schedules_installed(conn) else []
+    slugs = [f.slug for f in flows]
+    stored = read_definitions(conn, slugs) if schedules_installed(conn) else []
     diff = diff_schedules(code, stored)
     ops: list[Any] = []
     for added in diff.added:

@@ -284,3 +284,23 @@ async def test_an_idle_scheduler_looks_about_once_a_second(
     # besides the looks, only setting the new schedule's next fire time (read, update)
     assert len(statements) - len(looks) == 2, statements
     assert stored(db_url)["next_fire_at"] is not None
+
+
+def test_trigger_in_the_callers_transaction_twice_starts_two_runs(db_url: str) -> None:
+    from pgflow_sa._db import sync_engine
+
+    deploy_flows(db_url, make_flow(cron="0 * * * *"))
+    engine = sync_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            first = trigger_schedule(conn, "reports")
+            second = trigger_schedule(conn, "reports")
+    finally:
+        engine.dispose()
+    assert first != second
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            "SELECT count(*), count(DISTINCT run_id) FROM pgflow_sa.schedule_runs s "
+            "JOIN pgflow.runs r USING (run_id)"
+        ).fetchone()
+    assert rows == (2, 2)

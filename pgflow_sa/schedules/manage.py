@@ -130,7 +130,9 @@ def trigger_schedule(target: Target, name: str, *, flows: Iterable[Flow] = ()) -
                 )
             value = code.input_at(datetime.now(timezone.utc))
         run_id = uuid.uuid4()
-        conn.execute(sql.claim_tick_statement(name, None, row["flow_slug"], run_id, manual=True))
+        claim = sql.claim_tick_statement(name, None, row["flow_slug"], run_id, manual=True)
+        if conn.execute(claim).first() is None:  # pragma: no cover - clock_timestamp() ticks
+            raise PgflowSaError(f"schedule {name!r} was triggered at this very moment already")
         start_flow(conn, flow, value, run_id=run_id)
         return run_id
 

@@ -96,7 +96,8 @@ def claim_tick_statement(
         insert(runs)
         .values(
             schedule_name=name,
-            tick=func.now() if tick is None else tick,
+            # clock_timestamp(): two triggers in one transaction are two ticks
+            tick=func.clock_timestamp() if tick is None else tick,
             flow_slug=flow_slug,
             run_id=run_id,
             manual=manual,
