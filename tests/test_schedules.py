@@ -200,6 +200,24 @@ async def test_a_refused_input_is_recorded_and_the_schedule_moves_on(
     assert stored(db_url)["next_fire_at"] == utc(2026, 1, 1, 13)
 
 
+async def test_an_input_function_that_raises_is_recorded(db_url: str, engine: AsyncEngine) -> None:
+    def broken(tick: datetime) -> dict[str, Any]:
+        raise KeyError("region")
+
+    flow = make_flow(cron="0 * * * *", input=broken)
+    deploy_flows(db_url, flow)
+    await fire_due_schedules(engine, utc(2026, 1, 1, 11, 30), [flow])
+    fired = await fire_due_schedules(engine, utc(2026, 1, 1, 12, 0, 1), [flow])
+    assert [(f.run_id, f.error) for f in fired] == [
+        (
+            None,
+            f"the input function {__name__}:test_an_input_function_that_raises_is_recorded."
+            "<locals>.broken of schedule 'reports' raised KeyError: 'region'",
+        )
+    ]
+    assert stored(db_url)["next_fire_at"] == utc(2026, 1, 1, 13)
+
+
 async def test_pause_resume_and_trigger(db_url: str, engine: AsyncEngine) -> None:
     flow = make_flow(cron="0 * * * *", input={"n": 7})
     deploy_flows(db_url, flow)

@@ -51,25 +51,27 @@ def _input(row: Mapping[Any, Any], code: Schedule | None, tick: datetime) -> Any
             f"schedule {row['name']!r} computes its input with {row['input_function']}, "
             "which this process does not define"
         )
-    return code.input_at(tick)
+    try:
+        return code.input_at(tick)
+    except Exception as exc:  # the app's code: recorded, and the schedule moves on
+        raise PgflowSaError(
+            f"the input function {row['input_function']} of schedule {row['name']!r} raised "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
 
 
 async def start_scheduled(
     conn: AsyncConnection,
     row: Mapping[Any, Any],
-    tick: datetime | None,
+    tick: datetime,
     flow: Flow | str,
     code: Schedule | None,
-    *,
-    manual: bool = False,
 ) -> FiredTick | None:
-    """Claim ``tick`` (None: now, for a manual trigger) of the schedule and start its
-    run, in the caller's transaction. None when the tick was already claimed."""
+    """Claim ``tick`` of the schedule and start its run, in the caller's transaction.
+    None when the tick was already claimed."""
     run_id = uuid.uuid4()
     claimed = (
-        await conn.execute(
-            sql.claim_tick_statement(row["name"], tick, row["flow_slug"], run_id, manual=manual)
-        )
+        await conn.execute(sql.claim_tick_statement(row["name"], tick, row["flow_slug"], run_id))
     ).scalar()
     if claimed is None:
         return None
