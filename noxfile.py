@@ -27,6 +27,8 @@ SUBSET = [
     "tests/test_tables.py",
     "tests/test_testing_kit.py",
     "tests/test_alembic.py",
+    "tests/test_schedules_cron.py",
+    "tests/test_schedules.py",
 ]
 #: the dev extras SUBSET needs (the examples' Flask needs a newer click than pyproject's bound)
 TEST_TOOLS = [

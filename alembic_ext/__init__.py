@@ -22,8 +22,11 @@ from .comparator import (
     register_flows,
 )
 from .ops import (
+    AlterScheduleOp,
     CreateFlowOp,
+    CreateScheduleOp,
     DropFlowOp,
+    DropScheduleOp,
     InstallPgflowOp,
     KeepPgflowSchemaOp,
     SetFlowOptionOp,
@@ -33,8 +36,11 @@ from .ops import (
 
 __all__ = [
     "PGFLOW_SCHEMAS",
+    "AlterScheduleOp",
     "CreateFlowOp",
+    "CreateScheduleOp",
     "DropFlowOp",
+    "DropScheduleOp",
     "FlowStructureChangedError",
     "InstallPgflowOp",
     "KeepPgflowSchemaOp",

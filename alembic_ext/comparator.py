@@ -16,10 +16,14 @@ from pgflow_sa import Flow, FlowRegistry, PgflowSaError, compile_flow, diff_shap
 from pgflow_sa.compiler import compile_shape
 from pgflow_sa.schema import LATEST_VERSION, SchemaState, check, list_flow_slugs, read_flow_shape
 from pgflow_sa.schema.installer import PGMQ_MIN_VERSION, _version_tuple
+from pgflow_sa.schema.schedules import diff_schedules, read_definitions, schedules_installed
 
 from .ops import (
+    AlterScheduleOp,
     CreateFlowOp,
+    CreateScheduleOp,
     DropFlowOp,
+    DropScheduleOp,
     InstallPgflowOp,
     PgmqSource,
     SetFlowOptionOp,
@@ -207,4 +211,44 @@ def compare_pgflow(autogen_context: AutogenContext, upgrade_ops: UpgradeOps, sch
             # drop_unregistered= is the opt-in to deleting the runs
             _detected("removed pgflow flow %r (not registered)", slug)
             ops.append(DropFlowOp(slug, compile_shape(stored), delete_runs=True))
+    if any(isinstance(op, (InstallPgflowOp, UpgradePgflowOp)) for op in ops) or (
+        installed and schedules_installed(conn)
+    ):  # else there is no schedules table, nor one coming (install_schema=False)
+        ops += _compare_schedules(autogen_context, registry)
     upgrade_ops.ops.extend(ops)
+
+
+def _compare_schedules(autogen_context: AutogenContext, registry: FlowRegistry) -> list[Any]:
+    """The schedules of the registered flows against ``pgflow_sa.schedules`` (a
+    database without that table has none yet: the install or upgrade op adds it)."""
+    conn = autogen_context.connection
+    assert conn is not None
+    flows = [f for f in registry if _include_name(autogen_context, f.slug)]
+    code = [s.stored() for f in flows for s in f.schedules]
+    slugs = [f.slug for f in flows]
+    stored = read_definitions(conn, slugs) if schedules_installed(conn) else []
+    diff = diff_schedules(code, stored)
+    ops: list[Any] = []
+    for added in diff.added:
+        _detected(
+            "added pgflow schedule %r (flow %r, %r in %s)",
+            added["name"],
+            added["flow_slug"],
+            added["cron"],
+            added["timezone"],
+        )
+        ops.append(CreateScheduleOp.of(added))
+    for change in diff.changed:
+        for column, value in change.changes.items():
+            _detected(
+                "changed %s of pgflow schedule %r: %r -> %r",
+                column,
+                change.name,
+                change.previous[column],
+                value,
+            )
+        ops.append(AlterScheduleOp(change.name, change.changes, previous=change.previous))
+    for removed in diff.removed:
+        _detected("removed pgflow schedule %r", removed["name"])
+        ops.append(DropScheduleOp.of(removed))
+    return ops

@@ -21,6 +21,7 @@ from alembic.util import CommandError
 from pgflow_sa.exceptions import InstallError
 from pgflow_sa.schema import installer
 from pgflow_sa.schema.deploy import drop_flow_script, set_option_sql
+from pgflow_sa.schema.schedules import alter_schedule_sql, create_schedule_sql, drop_schedule_sql
 from pgflow_sa.schema.uninstall import uninstall_script
 
 # a child of "alembic", so that the logging set up by alembic.ini shows it
@@ -160,12 +161,15 @@ class UpgradePgflowOp(MigrateOperation):
         return ("upgrade_pgflow", self.previous, self.version, tuple(self.migrations))
 
     def scripts(self) -> list[str]:
-        # the listed migrations start with PUBLISHER_UPDATE when our realtime.send is outdated
+        # the listed migrations start with PUBLISHER_UPDATE when our realtime.send is
+        # outdated, and end with SCHEDULES_UPDATE when the schedules tables are missing
+        # (the install script creates those where they are missing in any case)
+        ours = (installer.PUBLISHER_UPDATE, installer.SCHEDULES_UPDATE)
         return installer.install_script(
             self.version,
             pgmq=None,
             realtime_send=installer.PUBLISHER_UPDATE in self.migrations,
-            only=[name for name in self.migrations if name != installer.PUBLISHER_UPDATE],
+            only=[name for name in self.migrations if name not in ours],
         )
 
 
@@ -262,6 +266,94 @@ class SetFlowOptionOp(MigrateOperation):
         )
 
 
+class _ScheduleDefinitionOp(MigrateOperation):
+    """A schedule's whole definition (the columns of ``pgflow_sa.schedules`` code sets)."""
+
+    def __init__(
+        self,
+        name: str,
+        flow_slug: str,
+        cron: str,
+        *,
+        timezone: str = "UTC",
+        input: Any = None,
+        input_function: str | None = None,
+        catch_up: str = "latest",
+        catch_up_limit: int = 10,
+    ) -> None:
+        self.name = name
+        self.flow_slug = flow_slug
+        self.cron = cron
+        self.timezone = timezone
+        self.input = input
+        self.input_function = input_function
+        self.catch_up = catch_up
+        self.catch_up_limit = catch_up_limit
+
+    def definition(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "flow_slug": self.flow_slug,
+            "cron": self.cron,
+            "timezone": self.timezone,
+            "input": self.input,
+            "input_function": self.input_function,
+            "catch_up": self.catch_up,
+            "catch_up_limit": self.catch_up_limit,
+        }
+
+    @classmethod
+    def of(cls, definition: dict[str, Any]) -> Any:
+        rest = {k: v for k, v in definition.items() if k not in ("name", "flow_slug", "cron")}
+        return cls(definition["name"], definition["flow_slug"], definition["cron"], **rest)
+
+
+class CreateScheduleOp(_ScheduleDefinitionOp):
+    """Add a schedule to ``pgflow_sa.schedules`` (workers give it its next fire time)."""
+
+    def reverse(self) -> DropScheduleOp:
+        return DropScheduleOp.of(self.definition())  # type: ignore[no-any-return]
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return ("add_pgflow_schedule", self.name)
+
+    def scripts(self) -> list[str]:
+        return [create_schedule_sql(self.definition())]
+
+
+class DropScheduleOp(_ScheduleDefinitionOp):
+    """Delete a schedule; the runs it started, and their records, stay."""
+
+    def reverse(self) -> CreateScheduleOp:
+        return CreateScheduleOp.of(self.definition())  # type: ignore[no-any-return]
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return ("remove_pgflow_schedule", self.name)
+
+    def scripts(self) -> list[str]:
+        return [drop_schedule_sql(self.name)]
+
+
+class AlterScheduleOp(MigrateOperation):
+    """Change columns of a schedule's definition (``changes``: column -> new value;
+    ``previous``: the values it replaces). A new cron or time zone fires from the
+    next tick after the migration."""
+
+    def __init__(self, name: str, changes: dict[str, Any], *, previous: dict[str, Any]) -> None:
+        self.name = name
+        self.changes = dict(changes)
+        self.previous = dict(previous)
+
+    def reverse(self) -> AlterScheduleOp:
+        return AlterScheduleOp(self.name, self.previous, previous=self.changes)
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return ("modify_pgflow_schedule", self.name, self.previous, self.changes)
+
+    def scripts(self) -> list[str]:
+        return [alter_schedule_sql(self.name, self.changes)]
+
+
 def run_scripts(operations: Operations, scripts: Iterable[str]) -> None:
     """Send each script as it is: to the database online, to the output offline
     (``--sql``). A refusal raised by a script (a PL/pgSQL RAISE EXCEPTION) becomes
@@ -300,6 +392,9 @@ for _op in (
     CreateFlowOp,
     DropFlowOp,
     SetFlowOptionOp,
+    CreateScheduleOp,
+    DropScheduleOp,
+    AlterScheduleOp,
 ):
     Operations.implementation_for(_op)(_run)
 

@@ -6,8 +6,11 @@ from alembic.autogenerate import renderers
 from alembic.autogenerate.api import AutogenContext
 
 from .ops import (
+    AlterScheduleOp,
     CreateFlowOp,
+    CreateScheduleOp,
     DropFlowOp,
+    DropScheduleOp,
     InstallPgflowOp,
     KeepPgflowSchemaOp,
     SetFlowOptionOp,
@@ -79,4 +82,26 @@ def _render_option(autogen_context: AutogenContext, op: SetFlowOptionOp) -> str:
     return (
         f"op.invoke(pgflow_ops.SetFlowOptionOp({op.flow_slug!r}, {op.step_slug!r}, "
         f"{op.option!r}, {op.value!r}, previous={op.previous!r}))"
+    )
+
+
+def _render_schedule(autogen_context: AutogenContext, op: CreateScheduleOp | DropScheduleOp) -> str:
+    autogen_context.imports.add(_IMPORT)
+    return (
+        f"op.invoke(pgflow_ops.{type(op).__name__}({op.name!r}, {op.flow_slug!r}, {op.cron!r}, "
+        f"timezone={op.timezone!r}, input={op.input!r}, input_function={op.input_function!r}, "
+        f"catch_up={op.catch_up!r}, catch_up_limit={op.catch_up_limit!r}))"
+    )
+
+
+renderers.dispatch_for(CreateScheduleOp)(_render_schedule)
+renderers.dispatch_for(DropScheduleOp)(_render_schedule)
+
+
+@renderers.dispatch_for(AlterScheduleOp)
+def _render_alter_schedule(autogen_context: AutogenContext, op: AlterScheduleOp) -> str:
+    autogen_context.imports.add(_IMPORT)
+    return (
+        f"op.invoke(pgflow_ops.AlterScheduleOp({op.name!r}, {op.changes!r}, "
+        f"previous={op.previous!r}))"
     )

@@ -36,6 +36,7 @@ from .exceptions import (
     PgflowSaError,
     RunNotFoundError,
     RunTimeoutError,
+    ScheduleNotFoundError,
     SchemaFilesMissingError,
 )
 from .models import (
@@ -50,6 +51,16 @@ from .models import (
     TaskStatus,
 )
 from .registry import FlowRegistry, load_registry
+from .schedules import Schedule
+from .schedules.firing import FiredTick, fire_due_schedules
+from .schedules.manage import (
+    ScheduleInfo,
+    list_schedules,
+    pause_schedule,
+    resume_schedule,
+    sync_schedules,
+    trigger_schedule,
+)
 from .schema import (
     LATEST_VERSION,
     SchemaState,
@@ -80,6 +91,7 @@ __all__ = [
     "DeployReport",
     "EmbeddedServer",
     "EmbeddedServerError",
+    "FiredTick",
     "Flow",
     "FlowConflictError",
     "FlowDefinitionError",
@@ -97,6 +109,9 @@ __all__ = [
     "RunStatus",
     "RunTimeoutError",
     "RunWatcher",
+    "Schedule",
+    "ScheduleInfo",
+    "ScheduleNotFoundError",
     "SchemaFilesMissingError",
     "SchemaState",
     "SchemaStatus",
@@ -113,6 +128,7 @@ __all__ = [
     "compile_flow",
     "deploy_flows",
     "diff_shapes",
+    "fire_due_schedules",
     "flow_status",
     "flow_status_async",
     "functions",
@@ -122,17 +138,22 @@ __all__ = [
     "install_schema",
     "list_runs",
     "list_runs_async",
+    "list_schedules",
     "load_registry",
+    "pause_schedule",
     "resolve_database_url",
+    "resume_schedule",
     "start_flow",
     "start_flow_and_wait",
     "start_flow_and_wait_async",
     "start_flow_async",
     "start_flows",
     "start_flows_async",
+    "sync_schedules",
     "tables",
     "to_libpq_url",
     "to_sqlalchemy_url",
+    "trigger_schedule",
     "wait_for_run",
     "wait_for_run_async",
     "watch_run",

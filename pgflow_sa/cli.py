@@ -8,16 +8,19 @@ import logging
 import signal
 import sys
 import uuid
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Coroutine, Mapping
 from datetime import datetime, timezone
-from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from sqlalchemy.pool import NullPool
 
 from . import __version__, events
+from ._cli_common import clean_errors, database_url_option
+from ._cli_common import database_url as _database_url
+from ._cli_common import fail as _fail
+from ._cli_common import table as _table
 from ._db import database_errors, sync_engine
 from .client import (
     flow_status,
@@ -29,13 +32,10 @@ from .client import (
 )
 from .compiler import compile_flow
 from .config import (
-    DATABASE_URL_ENV,
     async_engine_from_url,
     default_data_dir,
     embedded_database_url,
     mask_password,
-    refuse_unclaimed_database_url,
-    resolve_database_url,
 )
 from .dsl import Flow
 from .embedded import EmbeddedServer
@@ -59,46 +59,6 @@ from .schema.roles import (
     grant_statements,
 )
 from .waiting import watch_run
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-database_url_option = click.option(
-    "--database-url",
-    metavar="URL",
-    help=(
-        f"PostgreSQL URL (libpq or SQLAlchemy form). Default: ${DATABASE_URL_ENV}, then "
-        "[tool.pgflow-sa] database-url in pyproject.toml, then the embedded server."
-    ),
-)
-
-
-def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"error: {' '.join(message.split())}", err=True)
-    sys.exit(code)
-
-
-def clean_errors(command: F) -> F:
-    """Report pgflow-sa errors as one line on stderr with exit code 1, no traceback."""
-
-    @wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except PgflowSaError as exc:
-            _fail(str(exc))
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _database_url(explicit: str | None, app: FlowRegistry | None = None) -> str:
-    """The URL to use, starting the embedded server when nothing is configured."""
-    resolved = resolve_database_url(explicit, app_url=app.database_url if app else None)
-    if resolved is not None:
-        return resolved.url
-    refuse_unclaimed_database_url()
-    url = embedded_database_url()
-    click.echo(f"using the embedded PostgreSQL at {url} (files in {default_data_dir()})", err=True)
-    return url
 
 
 def _target(url: str) -> str:
@@ -278,16 +238,6 @@ def compile_command(app: str, flow_slugs: tuple[str, ...]) -> None:
             click.echo("")
         for statement in compile_flow(flow):
             click.echo(statement)
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [
-        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
-    ]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    for row in rows:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-    return lines
 
 
 def _when(value: datetime | None) -> str:
@@ -619,6 +569,13 @@ def flows_deploy(app: str, flow_slugs: tuple[str, ...], database_url: str | None
         click.echo(f"created {slug}")
     for slug in report.unchanged:
         click.echo(f"unchanged {slug}")
+    for what, names in (
+        ("added", report.schedules_added),
+        ("updated", report.schedules_updated),
+        ("removed", report.schedules_removed),
+    ):
+        for name in names:
+            click.echo(f"schedule {what} {name}")
 
 
 @cli.command()
@@ -763,3 +720,9 @@ def dashboard(host: str, port: int, hide_payloads: bool, database_url: str | Non
 
 def main() -> None:
     cli(prog_name="pgflow-sa")
+
+
+# the `schedules` group lives in its own module
+from .schedules.cli import schedules as _schedules  # noqa: E402
+
+cli.add_command(_schedules)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
 from .exceptions import FlowDefinitionError, InvalidInputError
+from .schedules.definition import DEFAULT_CATCH_UP_LIMIT, CatchUp, Schedule
 from .shape import FLOW_DEFAULTS, STEP_OPTION_NAMES, FlowShape, StepShape
 
 H = TypeVar("H", bound=Callable[..., Any])
@@ -190,11 +191,47 @@ class Flow:
         self._input_type = input_type
         self._steps: dict[str, StepDefinition] = {}
         self._slug_by_handler: dict[int, str] = {}
+        self._schedules: dict[str, Schedule] = {}
 
     def __repr__(self) -> str:
         return f"Flow({self.slug!r}, steps={list(self._steps)})"
 
     # --- definition ---------------------------------------------------------
+
+    def schedule(
+        self,
+        cron: str,
+        *,
+        name: str | None = None,
+        input: Any = None,
+        timezone: str = "UTC",
+        catch_up: CatchUp = "latest",
+        catch_up_limit: int = DEFAULT_CATCH_UP_LIMIT,
+    ) -> Schedule:
+        """Start this flow at every tick of ``cron`` (see :class:`Schedule`). ``name``
+        (default: the flow slug) identifies the schedule in the database; ``input`` is
+        the run input (default ``{}``) or a function of the tick's time returning it."""
+        schedule = Schedule(
+            name=self.slug if name is None else name,
+            flow_slug=self.slug,
+            cron=cron,
+            timezone=timezone,
+            input={} if input is None else input,
+            catch_up=catch_up,
+            catch_up_limit=catch_up_limit,
+            flow=self,
+        )
+        if schedule.name in self._schedules:
+            raise FlowDefinitionError(
+                f"Flow {self.slug!r} already has a schedule named {schedule.name!r}: give each "
+                "schedule of a flow its own name="
+            )
+        self._schedules[schedule.name] = schedule
+        return schedule
+
+    @property
+    def schedules(self) -> tuple[Schedule, ...]:
+        return tuple(self._schedules.values())
 
     @overload
     def step(self, handler: H, /) -> H: ...

@@ -69,3 +69,7 @@ def deploy_advice(flow_slugs: Iterable[str], app: str | None = None) -> str:
     words = ["pgflow-sa", "flows", "deploy", shlex.quote(app) if app else "APP"]
     words += [shlex.quote(slug) for slug in flow_slugs]
     return f"create it with `{' '.join(words)}` (or an Alembic migration)"
+
+
+class ScheduleNotFoundError(PgflowSaError, LookupError):
+    """There is no such schedule in this database."""

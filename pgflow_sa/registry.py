@@ -12,6 +12,7 @@ from sqlalchemy.engine import URL
 
 from .dsl import Flow
 from .exceptions import ConfigurationError, FlowDefinitionError
+from .schedules.definition import Schedule
 
 
 class FlowRegistry:
@@ -47,6 +48,21 @@ class FlowRegistry:
             )
         self._flows[flow.slug] = flow
         return flow
+
+    @property
+    def schedules(self) -> dict[str, Schedule]:
+        """The schedules of the registered flows, by name (unique across flows)."""
+        found: dict[str, Schedule] = {}
+        for flow in self._flows.values():
+            for schedule in flow.schedules:
+                other = found.get(schedule.name)
+                if other is not None:
+                    raise FlowDefinitionError(
+                        f"flows {other.flow_slug!r} and {flow.slug!r} both have a schedule named "
+                        f"{schedule.name!r}; schedule names must be unique"
+                    )
+                found[schedule.name] = schedule
+        return found
 
     def get(self, slug: str) -> Flow:
         try:

@@ -262,7 +262,9 @@ def test_the_client_role_cannot_work_tasks_delete_runs_or_create_flows(
     assert "table flows" in _denied(client, "SELECT pgflow.create_flow('roles_new')")
     assert "schema pgflow" in _denied(client, "CREATE TABLE pgflow.mine (id int)")
     worker = as_user(db_url, roles.worker_login)
-    assert "table runs" in _denied(worker, "SELECT pgflow.start_flow('roles_greet', '{}')")
+    # workers start the runs of schedules, but cannot change what a schedule is
+    assert "table schedules" in _denied(worker, "UPDATE pgflow_sa.schedules SET paused = true")
+    assert "table schedules" in _denied(client, "UPDATE pgflow_sa.schedules SET cron = '* * * * *'")
     assert "table runs" in _denied(worker, "DELETE FROM pgflow.runs")
     assert "table flows" in _denied(worker, "SELECT pgflow.create_flow('roles_new')")
 
@@ -322,3 +324,39 @@ def test_roles_refuses_without_pgflow_and_with_missing_roles_under_no_create(
     missing = _roles_command(db_url, roles, "--no-create")
     assert_one_line_error(missing, f"role(s) {roles.worker}, {roles.client} do not exist")
     assert _grants_of(db_url, roles.all)[0] == 3  # only the fixture's login roles
+
+
+async def test_the_worker_role_fires_schedules_and_the_client_role_manages_them(
+    db_url: str, roles: Roles
+) -> None:
+    from datetime import datetime, timezone
+
+    from pgflow_sa import (
+        async_engine_from_url,
+        fire_due_schedules,
+        list_schedules,
+        pause_schedule,
+        resume_schedule,
+        trigger_schedule,
+    )
+
+    greet = roles_app.flows.get("roles_greet")
+    schedule = greet.schedule("0 * * * *", name="roles_hourly", input={"names": ["Ada"]})
+    try:
+        deploy_flows(db_url, roles_app.flows)
+    finally:
+        greet._schedules.pop(schedule.name)
+    assert _roles_command(db_url, roles).returncode == 0
+    _grant_logins(db_url, roles)
+    engine = async_engine_from_url(as_user(db_url, roles.worker_login))
+    try:
+        await fire_due_schedules(engine, datetime(2026, 1, 1, 11, 30, tzinfo=timezone.utc))
+        fired = await fire_due_schedules(engine, datetime(2026, 1, 1, 12, tzinfo=timezone.utc))
+    finally:
+        await engine.dispose()
+    assert [f.error for f in fired] == [None]
+    client = as_user(db_url, roles.client_login)
+    pause_schedule(client, "roles_hourly")
+    resume_schedule(client, "roles_hourly")
+    assert trigger_schedule(client, "roles_hourly") is not None
+    assert [s.name for s in list_schedules(client)] == ["roles_hourly"]

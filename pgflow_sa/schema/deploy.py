@@ -23,17 +23,24 @@ class FlowConflictError(PgflowSaError):
 class DeployReport:
     created: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
+    #: schedule names added, updated and removed to match the code
+    schedules_added: list[str] = field(default_factory=list)
+    schedules_updated: list[str] = field(default_factory=list)
+    schedules_removed: list[str] = field(default_factory=list)
 
 
 def deploy_flows(
     target: Connection | Engine | str | URL, flows: Flow | Iterable[Flow]
 ) -> DeployReport:
-    """Create the flows missing from the database, as ``pgflow-sa flows deploy`` does.
+    """Create the flows missing from the database and sync their schedules, as
+    ``pgflow-sa flows deploy`` does.
 
     ``target`` is a Connection (the work joins its transaction, which the caller
     commits) or an Engine or URL (one transaction of its own). Flows already there and
     identical are left alone; if any flow differs from the code, nothing is created
-    and :class:`FlowConflictError` says what differs."""
+    and :class:`FlowConflictError` says what differs. The stored schedules of these
+    flows become those the code declares (see
+    :func:`pgflow_sa.schedules.manage.sync_schedules`)."""
     from ..registry import FlowRegistry
 
     chosen = list(FlowRegistry.of(flows))
@@ -70,6 +77,12 @@ def _deploy(conn: Connection, flows: list[Flow]) -> DeployReport:
     for flow in to_create:
         run_compiled(conn, compile_flow(flow))
         report.created.append(flow.slug)
+    from ..schedules.manage import sync_schedules
+
+    synced = sync_schedules(conn, flows)
+    report.schedules_added = [d["name"] for d in synced.added]
+    report.schedules_updated = [c.name for c in synced.changed]
+    report.schedules_removed = [d["name"] for d in synced.removed]
     return report
 
 

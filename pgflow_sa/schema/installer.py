@@ -36,6 +36,9 @@ _PUBLISHER_VERSION_RE = re.compile(r"pgflow-sa: v(\d+)\b")
 #: The entry ``SchemaStatus.pending`` lists (first) while our realtime.send is outdated;
 #: ``install(upto=PUBLISHER_UPDATE)`` replaces it and applies no migration.
 PUBLISHER_UPDATE = "realtime.send"
+#: The entry ``SchemaStatus.pending`` lists (last) while pgflow-sa's schedules tables
+#: are missing (a database installed before schedules existed).
+SCHEDULES_UPDATE = "pgflow_sa.schedules"
 _PGFLOW_CREATE_PGMQ = 'CREATE EXTENSION IF NOT EXISTS "pgmq" WITH SCHEMA "pgmq";'
 
 _PGMQ_OPTIONS = (
@@ -68,6 +71,7 @@ class SchemaStatus:
     pending: tuple[str, ...]  # migration names, after PUBLISHER_UPDATE when that is due
     pgmq: str  # "extension 1.13.0", "sql-only", "available as extension 1.13.0", "missing"
     realtime_send: str  # "pgflow-sa", "pgflow-sa (outdated)", "external" or "missing"
+    schedules: str = "installed"  # pgflow-sa's schedules tables: "installed" or "missing"
 
     def describe(self) -> list[str]:
         lines = [f"pgflow: {self.state.value}"]
@@ -77,12 +81,13 @@ class SchemaStatus:
             lines[0] += " (installed by another tool, older than the pinned version)"
         if self.state is not SchemaState.INSTALLED:
             lines.append(f"target: pgflow {self.target_version}")
-        pending = [name for name in self.pending if name != PUBLISHER_UPDATE]
+        pending = [n for n in self.pending if n not in (PUBLISHER_UPDATE, SCHEDULES_UPDATE)]
         if pending:
             span = pending[0] if len(pending) == 1 else f"{pending[0]} .. {pending[-1]}"
             lines.append(f"pending migrations: {len(pending)} ({span})")
         lines.append(f"pgmq: {self.pgmq}")
         lines.append(f"realtime.send: {self.realtime_send}")
+        lines.append(f"schedules: {self.schedules}")
         return lines
 
 
@@ -109,6 +114,7 @@ class _Probe:
     realtime_send_comment: str | None
     has_realtime_send: bool
     has_pgflow: bool
+    has_schedules: bool
     has_record: bool
     external_fingerprint: bool
     supabase_versions: frozenset[str] | None
@@ -130,6 +136,8 @@ SELECT
   to_regprocedure(:realtime_send) IS NOT NULL AS has_realtime_send,
   obj_description(to_regprocedure(:realtime_send), 'pg_proc') AS realtime_send_comment,
   to_regclass('pgflow.flows') IS NOT NULL AS has_pgflow,
+  to_regclass('pgflow_sa.schedules') IS NOT NULL
+    AND to_regclass('pgflow_sa.schedule_runs') IS NOT NULL AS has_schedules,
   to_regclass(:record_table) IS NOT NULL AS has_record,
   coalesce(
     pg_get_function_result(to_regprocedure('pgflow.set_vt_batch(text,bigint[],integer[])'))
@@ -161,6 +169,7 @@ def _probe(conn: Connection) -> _Probe:
         realtime_send_comment=row.realtime_send_comment,
         has_realtime_send=row.has_realtime_send,
         has_pgflow=row.has_pgflow,
+        has_schedules=row.has_schedules,
         has_record=row.has_record,
         external_fingerprint=row.external_fingerprint,
         supabase_versions=supabase_versions,
@@ -219,8 +228,21 @@ def _status(conn: Connection, version: str) -> tuple[SchemaStatus, _Probe, set[s
             pending = (PUBLISHER_UPDATE, *pending)
             if state is SchemaState.INSTALLED:
                 state = SchemaState.OUTDATED
+        schedules = "installed" if probe.has_schedules else "missing"
+        # a schema another tool installed is left exactly as it is: no tables of ours
+        if managed == "pgflow-sa" and not probe.has_schedules:
+            pending = (*pending, SCHEDULES_UPDATE)
+            if state is SchemaState.INSTALLED:
+                state = SchemaState.OUTDATED
         return SchemaStatus(
-            state, version, installed, managed, pending, _pgmq_description(probe), realtime
+            state,
+            version,
+            installed,
+            managed,
+            pending,
+            _pgmq_description(probe),
+            realtime,
+            schedules,
         )
 
     if not probe.has_pgflow:
@@ -325,6 +347,18 @@ def _install_realtime_send(conn: Connection, publisher: str, actions: list[str])
         )
 
 
+def schedules_sql() -> str:
+    """pgflow-sa's schedules tables (idempotent: CREATE ... IF NOT EXISTS)."""
+    return resources.files(__package__).joinpath("sql/schedules.sql").read_text("utf-8")
+
+
+def _install_schedules(conn: Connection, probe: _Probe, actions: list[str]) -> None:
+    if probe.has_schedules:
+        return
+    _run_script(conn, schedules_sql())
+    actions.append("pgflow-sa: created the schedules tables (pgflow_sa.schedules, schedule_runs)")
+
+
 def realtime_send_sql() -> str:
     """pgflow-sa's realtime.send publisher (CREATE OR REPLACE)."""
     return resources.files(__package__).joinpath("sql/realtime_send.sql").read_text("utf-8")
@@ -397,6 +431,7 @@ def install(
         " pgflow_version text NOT NULL,"
         " applied_at timestamptz NOT NULL DEFAULT now())"
     )
+    _install_schedules(conn, probe, actions)
     if not probe.has_pgflow and probe.has_record:
         # the pgflow schema was dropped by hand: forget what was recorded
         conn.exec_driver_sql(f"DELETE FROM {PGFLOW_SA_SCHEMA}.schema_migrations")
@@ -573,6 +608,7 @@ def install_script(
         f"DELETE FROM {PGFLOW_SA_SCHEMA}.schema_migrations "
         "WHERE to_regclass('pgflow.flows') IS NULL;"
     )
+    scripts.append(schedules_sql().strip())
     if chosen and only is not None:
         listed = ", ".join(sql_literal(name) for name in chosen)
         scripts.append(_NOT_APPLIED_SCRIPT.replace("{listed}", listed))

@@ -60,15 +60,17 @@ WORKER_GRANTS: tuple[Grant, ...] = (
         "start-up check of the flows' shapes; timeouts, retries and dependencies",
     ),
     Grant(
-        "SELECT, UPDATE (status, output, remaining_steps, completed_at, failed_at)",
+        "SELECT, INSERT (run_id, flow_slug, input, remaining_steps), "
+        "UPDATE (status, output, remaining_steps, completed_at, failed_at)",
         "TABLE pgflow.runs",
-        "run inputs; complete_task and fail_task finish or fail the run",
+        "run inputs; complete_task and fail_task finish or fail the run; schedules start runs",
     ),
     Grant(
-        "SELECT, UPDATE (status, remaining_tasks, remaining_deps, initial_tasks, "
+        "SELECT, INSERT (flow_slug, run_id, step_slug, remaining_deps, initial_tasks), "
+        "UPDATE (status, remaining_tasks, remaining_deps, initial_tasks, "
         "started_at, completed_at, failed_at, error_message)",
         "TABLE pgflow.step_states",
-        "complete_task and fail_task move steps on and start the next ones",
+        "complete_task and fail_task move steps on and start the next ones; schedules start runs",
     ),
     Grant(
         f"SELECT, INSERT ({_TASK_KEY}), UPDATE (status, attempts_count, started_at, "
@@ -82,6 +84,17 @@ WORKER_GRANTS: tuple[Grant, ...] = (
         "UPDATE (last_heartbeat_at, deprecated_at)",
         "TABLE pgflow.workers",
         "registration, heartbeats, retirement; recovery reads other workers' heartbeats",
+    ),
+    Grant("USAGE", "SCHEMA pgflow_sa", "the schedules the worker fires"),
+    Grant(
+        "SELECT, UPDATE (next_fire_at, last_fired_tick)",
+        "TABLE pgflow_sa.schedules",
+        "the scheduler reads the schedules and moves their next fire time",
+    ),
+    Grant(
+        "SELECT, INSERT (schedule_name, tick, flow_slug, run_id, manual), UPDATE (run_id, error)",
+        "TABLE pgflow_sa.schedule_runs",
+        "each fired tick is claimed once, with the run it started (or why none started)",
     ),
 )
 
@@ -119,6 +132,16 @@ CLIENT_GRANTS: tuple[Grant, ...] = (
         f"SELECT, INSERT ({_TASK_KEY})",
         "TABLE pgflow.step_tasks",
         "reading runs; start_flow queues the root steps' tasks",
+    ),
+    Grant(
+        "SELECT, UPDATE (paused, next_fire_at, updated_at)",
+        "TABLE pgflow_sa.schedules",
+        "list_schedules, pause_schedule, resume_schedule and trigger_schedule",
+    ),
+    Grant(
+        "SELECT, INSERT (schedule_name, tick, flow_slug, run_id, manual)",
+        "TABLE pgflow_sa.schedule_runs",
+        "trigger_schedule records the run it starts",
     ),
 )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -279,6 +280,50 @@ schema_migrations = Table(
     schema=PGFLOW_SA_SCHEMA,
 )
 
+#: pgflow-sa's schedules (sql/schedules.sql)
+schedules = Table(
+    "schedules",
+    metadata,
+    Column("name", Text, nullable=False),
+    Column("flow_slug", Text, nullable=False),
+    Column("cron", Text, nullable=False),
+    Column("timezone", Text, nullable=False, server_default=text("'UTC'::text")),
+    Column("input", JSONB),
+    Column("input_function", Text),
+    Column("catch_up", Text, nullable=False, server_default=text("'latest'::text")),
+    Column("catch_up_limit", Integer, nullable=False, server_default=text("10")),
+    Column("next_fire_at", _TS),
+    Column("last_fired_tick", _TS),
+    Column("paused", Boolean, nullable=False, server_default=text("false")),
+    Column("created_at", _TS, nullable=False, server_default=_NOW),
+    Column("updated_at", _TS, nullable=False, server_default=_NOW),
+    PrimaryKeyConstraint("name", name="schedules_pkey"),
+    CheckConstraint(
+        "catch_up = ANY (ARRAY['latest'::text, 'skip'::text, 'all'::text])",
+        name="schedules_catch_up_check",
+    ),
+    CheckConstraint("catch_up_limit >= 1", name="schedules_catch_up_limit_check"),
+    Index("idx_schedules_flow_slug", "flow_slug"),
+    schema=PGFLOW_SA_SCHEMA,
+    comment="pgflow-sa: v1 schedules (next_fire_at NULL: computed by the next worker that looks)",
+)
+
+schedule_runs = Table(
+    "schedule_runs",
+    metadata,
+    Column("schedule_name", Text, nullable=False),
+    Column("tick", _TS, nullable=False),
+    Column("flow_slug", Text, nullable=False),
+    Column("run_id", UUID(as_uuid=True)),
+    Column("manual", Boolean, nullable=False, server_default=text("false")),
+    Column("error", Text),
+    Column("fired_at", _TS, nullable=False, server_default=_NOW),
+    PrimaryKeyConstraint("schedule_name", "tick", name="schedule_runs_pkey"),
+    Index("idx_schedule_runs_run_id", "run_id"),
+    schema=PGFLOW_SA_SCHEMA,
+    comment="pgflow-sa: v1 runs started by schedules",
+)
+
 __all__ = [
     "RUN_STATUSES",
     "STEP_STATUSES",
@@ -287,6 +332,8 @@ __all__ = [
     "flows",
     "metadata",
     "runs",
+    "schedule_runs",
+    "schedules",
     "schema_migrations",
     "step_states",
     "step_tasks",

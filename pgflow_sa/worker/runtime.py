@@ -32,6 +32,7 @@ from .claim import Budget, Poller
 from .execute import FlowInputs, Sessions, TaskRunner
 from .lifecycle import Lifecycle, WorkerStartupError, keep_trying
 from .listener import Listener
+from .scheduler import Scheduler
 from .settings import WorkerSettings
 from .settle import CompletionBatcher, Settler
 from .task import ClaimedTask, TaskKey, TaskState
@@ -242,9 +243,13 @@ class Worker:
                 )
                 for flow in self.registry
             }
+            scheduler = Scheduler(self.engine, list(self.registry))
             background = [
                 asyncio.create_task(supervise("completion", batcher.run)),
                 asyncio.create_task(supervise("heartbeat", self._heartbeats)),
+                asyncio.create_task(
+                    supervise("schedules", functools.partial(scheduler.run, stopping))
+                ),
             ]
             recovery = asyncio.create_task(supervise("recovery", self._recovery))
             pollers = [
