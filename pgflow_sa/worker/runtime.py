@@ -243,14 +243,19 @@ class Worker:
                 )
                 for flow in self.registry
             }
-            scheduler = Scheduler(self.engine, list(self.registry))
             background = [
                 asyncio.create_task(supervise("completion", batcher.run)),
                 asyncio.create_task(supervise("heartbeat", self._heartbeats)),
-                asyncio.create_task(
-                    supervise("schedules", functools.partial(scheduler.run, stopping))
-                ),
             ]
+            if any(flow.schedules for flow in self.registry):
+                # only a worker whose flows declare schedules looks at them (a look a
+                # second); the others run no query for them
+                scheduler = Scheduler(self.engine, list(self.registry))
+                background.append(
+                    asyncio.create_task(
+                        supervise("schedules", functools.partial(scheduler.run, stopping))
+                    )
+                )
             recovery = asyncio.create_task(supervise("recovery", self._recovery))
             pollers = [
                 asyncio.create_task(supervise(f"poll {slug}", functools.partial(p.run, stopping)))
