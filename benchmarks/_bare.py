@@ -30,6 +30,18 @@ COMPLETE_ALL = (
 COMPLETE_ONE = "SELECT count(*) FROM pgflow.complete_task($1, $2, $3, '1'::jsonb)"
 
 
+async def claim(conn: asyncpg.Connection, flow: str, batch: int, worker_id: uuid.UUID) -> list[Any]:
+    """Read a batch and start its tasks; none when start_tasks raced a task committed
+    while it ran (pgflow stamps started_at with the statement's transaction start,
+    which may precede that task's queued_at: a check violation, retried at once)."""
+    try:
+        return list(await conn.fetch(CLAIM, flow, batch, worker_id))
+    except asyncpg.CheckViolationError as exc:
+        if exc.constraint_name != "started_at_is_after_queued_at":
+            raise
+        return []
+
+
 async def _register(conn: asyncpg.Connection, flow: str) -> uuid.UUID:
     worker_id = uuid.uuid4()
     await conn.execute(
@@ -67,7 +79,7 @@ async def drain(
         idle_since = time.monotonic()
         async with pool.acquire() as conn:
             while done < tasks:
-                claimed = await conn.fetch(CLAIM, flow, batch, worker_id)
+                claimed = await claim(conn, flow, batch, worker_id)
                 if not claimed:
                     if time.monotonic() - idle_since > 10:
                         raise RuntimeError(f"bare loop idle with {done}/{tasks} done")
@@ -101,7 +113,7 @@ async def chain_latency(
     async def loop() -> None:
         async with pool.acquire() as conn:
             while not stop.is_set():
-                claimed = await conn.fetch(CLAIM, flow, 10, worker_id)
+                claimed = await claim(conn, flow, 10, worker_id)
                 if claimed:
                     await _complete(conn, claimed, True)
                 else:
