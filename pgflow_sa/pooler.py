@@ -7,8 +7,8 @@ statements kept from one transaction to the next, session settings, LISTEN.
 pooler. Then:
 
 - asyncpg engines pgflow-sa makes (``async_engine_from_url``, the worker's) keep no
-  prepared statements (``statement_cache_size=0``) and prepare each statement under a
-  name of its own, so two statements never meet on one server connection; psycopg
+  prepared statements (``statement_cache_size=0``) and prepare each one as the
+  unnamed statement, which leaves nothing behind on the server connection; psycopg
   engines it makes never prepare (``prepare_threshold=None``);
 - the worker sends no session settings (``plan_cache_mode``,
   ``enable_bitmapscan``): set them on its role instead;
@@ -20,7 +20,6 @@ pooler. Then:
 from __future__ import annotations
 
 import os
-import uuid
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -49,7 +48,11 @@ def listen_url() -> str | None:
 
 
 def _statement_name() -> str:
-    return f"__pgflow_sa_{uuid.uuid4().hex}__"
+    # the unnamed statement: the next one replaces it on its server connection, so
+    # nothing is left behind there (a named one's close would go to whichever
+    # connection the pooler picks then). SQLAlchemy's asyncpg dialect prepares and
+    # executes within a transaction, which keeps both on one server connection.
+    return ""
 
 
 def asyncpg_connect_args() -> dict[str, Any]:

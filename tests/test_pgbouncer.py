@@ -85,6 +85,14 @@ def test_a_worker_and_clients_through_pgbouncer(
             assert run.output == {"total": sum(i * i for i in range(n))}
         listeners = _direct_listeners(db_url)
         assert listeners == (1 if listen == "direct" else 0), log.read_text()
+        # statements prepared under names would be left behind on the server
+        # connections (their close goes to whichever connection the pooler picks)
+        with psycopg.connect(pooled_url, autocommit=True, prepare_threshold=None) as conn:
+            left = [
+                conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()[0]
+                for _ in range(12)
+            ]
+        assert max(left) == 0, left
     finally:
         worker.terminate()
         code = worker.wait(30)

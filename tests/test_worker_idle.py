@@ -104,11 +104,16 @@ async def test_a_retry_is_read_when_it_is_due_not_at_the_next_idle_poll(db_url: 
         poll_interval=60, heartbeat_interval=0.5, recovery_interval=5, shutdown_timeout=5
     )
     engine = async_engine_from_url(db_url)
+    gaps = []
     try:
         async with running_worker(retried, db_url, settings=settings):
-            run = await start_flow_and_wait_async(engine, retried, {}, timeout=20)
+            # one run after the other: each claim lane in turn takes the wake-ups
+            for _ in range(4):
+                attempts.clear()
+                run = await start_flow_and_wait_async(engine, retried, {}, timeout=20)
+                assert run.output == {"flaky": "ok"}
+                assert len(attempts) == 2
+                gaps.append(attempts[1] - attempts[0])
     finally:
         await engine.dispose()
-    assert run.output == {"flaky": "ok"}
-    assert len(attempts) == 2
-    assert 0.9 < attempts[1] - attempts[0] < 10, attempts
+    assert all(0.9 < gap < 10 for gap in gaps), gaps

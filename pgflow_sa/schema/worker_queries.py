@@ -107,11 +107,23 @@ def _fence_params(fences: Sequence[Fence]) -> dict[str, Any]:
 # Locks the rows of the tasks still held as fenced (started, by that worker, at that
 # started_at), in key order so that two settling statements never deadlock; a row changed
 # meanwhile is re-checked against the fence after its lock is granted (READ COMMITTED).
+#
+# The runs' rows are locked first, in run order: pgflow's complete_task locks a run, then
+# its step states, but 0.8.1's fail_task the step state first (its run-locking CTE is
+# never referenced, so it never runs), which deadlocked against a complete_task of the
+# same run in another session. Holding the run first, every settle takes the locks in
+# complete_task's order. (A MATERIALIZED CTE runs only when referenced: owned joins it.)
 _OWNED = """
-owned AS MATERIALIZED (
+run_locks AS MATERIALIZED (
+    SELECT r.run_id FROM pgflow.runs r
+    WHERE r.run_id = ANY(:run_ids)
+    ORDER BY r.run_id
+    FOR UPDATE OF r
+), owned AS MATERIALIZED (
     SELECT t.run_id, t.step_slug, t.task_index, t.n
     FROM unnest(:run_ids, :step_slugs, :task_indexes, :worker_ids, :started_ats)
          WITH ORDINALITY AS t(run_id, step_slug, task_index, worker_id, started_at, n)
+    JOIN (SELECT run_id FROM run_locks) AS locked ON locked.run_id = t.run_id
     JOIN pgflow.step_tasks st
       ON st.run_id = t.run_id AND st.step_slug = t.step_slug AND st.task_index = t.task_index
     WHERE st.status = 'started' AND st.last_worker_id = t.worker_id

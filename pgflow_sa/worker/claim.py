@@ -97,6 +97,11 @@ class Poller:
         #: claims whose statement may have started tasks not yet launched
         self.in_flight: set[asyncio.Future[None]] = set()
         self.deprecated = False
+        #: loop time of the polling lane's next read when nothing wakes it: set by the
+        #: latest claim of any lane that found the queue drained (it knows when the
+        #: next hidden message becomes visible)
+        self._poll_at = 0.0
+        self._poll_moved = asyncio.Event()
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Claim until stopped or deprecated, in LANES lanes: a wake-up that arrives
@@ -105,13 +110,13 @@ class Poller:
 
     async def _lane(self, stopping: asyncio.Event, polls: bool) -> None:
         """One lane. The lane that ``polls`` claims at once and then whenever woken or
-        its poll interval is over; the others only when woken."""
+        a poll is due; the others only when woken."""
         backoff = Backoff(self._settings.max_backoff)
-        wait: float | None = 0.0 if polls else None
+        claim_now = polls
         while not stopping.is_set() and not self.deprecated:
-            if wait != 0.0:
-                await self._woken(stopping, wait)
-            wait = None
+            if not claim_now:
+                await self._woken(stopping, polls)
+            claim_now = False
             if not self._room.is_set():  # completions to write first
                 await first_of(self._room, stopping)
             qty = await self._budget.take(self._settings.batch_size)
@@ -127,7 +132,7 @@ class Poller:
             except DB_ERRORS as exc:
                 self._budget.give(qty)
                 await self._after_error(exc, backoff, stopping)
-                wait = 0.0 if polls else None
+                claim_now = polls
                 continue
             finally:
                 self.in_flight.discard(done)
@@ -141,9 +146,11 @@ class Poller:
                 requested=qty,
             )
             if read >= qty:
-                wait = 0.0  # a full batch: there may be more waiting
-            elif polls:
-                wait = self._idle_interval(visible_in)
+                claim_now = True  # a full batch: there may be more waiting
+            else:
+                loop = asyncio.get_running_loop()
+                self._poll_at = loop.time() + self._idle_interval(visible_in)
+                self._poll_moved.set()
 
     def _idle_interval(self, visible_in: float | None) -> float:
         interval = (
@@ -161,17 +168,21 @@ class Poller:
             )
         return interval
 
-    async def _woken(self, stopping: asyncio.Event, timeout: float | None) -> None:
-        """Until a wake-up (taken, so that one wake-up starts one claim), the stop, or
-        ``timeout`` seconds (None: no limit)."""
+    async def _woken(self, stopping: asyncio.Event, polls: bool) -> None:
+        """Until a wake-up (taken, so that one wake-up starts one claim) or the stop;
+        for the polling lane also until the next poll is due (another lane's claim
+        may bring it forward)."""
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
         while not self.wake.is_set() and not stopping.is_set():
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
+            if not polls:
+                await first_of(self.wake, stopping)
+                continue
+            remaining = self._poll_at - loop.time()
+            if remaining <= 0:
                 return
+            self._poll_moved.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(first_of(self.wake, stopping), remaining)
+                await asyncio.wait_for(first_of(self.wake, stopping, self._poll_moved), remaining)
         self.wake.clear()
 
     async def _after_error(

@@ -384,7 +384,9 @@ class Worker:
 
     async def _recovery(self) -> None:
         async def recover() -> None:
-            await self.lifecycle.recover_abandoned()
+            if await self.lifecycle.recover_abandoned():
+                # pgflow retries them after its delay: poll, to learn when that is
+                self._wake_all()
             orphans = await self.lifecycle.find_orphans(
                 lambda key: key in self._tasks,
                 lambda: [f for p in self._pollers.values() for f in p.in_flight],

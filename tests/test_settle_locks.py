@@ -1,0 +1,114 @@
+"""The order in which the worker's settling statements take their row locks.
+
+pgflow 0.8.1's ``complete_task`` locks a run's row, then its step states; its
+``fail_task`` (whose run-locking CTE is never referenced, so never runs) locks the
+step state first, then the run. A worker failing a task while another session
+completes a task of the same run could deadlock: one of them was rolled back, and a
+sync handler's own session lost its writes and its turn. pgflow-sa's fenced
+statements lock the runs of their tasks first, in run order, as complete_task does."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgflow_sa import Flow
+from pgflow_sa._db import sync_engine
+from pgflow_sa.schema import worker_queries
+
+from .worker_harness import deploy
+
+two = Flow("locks_two", max_attempts=3)
+
+
+@two.step
+def left(input: Any) -> int:
+    return 1
+
+
+@two.step
+def right(input: Any) -> int:
+    return 2
+
+
+def _claim_both(url: str) -> tuple[uuid.UUID, list[worker_queries.Fence]]:
+    worker_id = uuid.uuid4()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO pgflow.workers (worker_id, queue_name, function_name) "
+            "VALUES (%s, 'locks_two', 'test')",
+            [worker_id],
+        )
+        run_id = conn.execute("SELECT run_id FROM pgflow.start_flow('locks_two', '{}')").fetchone()[
+            0
+        ]
+        rows = conn.execute(
+            "SELECT run_id, step_slug, task_index, now() FROM pgflow.start_tasks('locks_two', "
+            "ARRAY(SELECT msg_id FROM pgmq.read('locks_two', 60, 10)), %s)",
+            [worker_id],
+        ).fetchall()
+    assert len(rows) == 2
+    return run_id, [(r[0], r[1], r[2], worker_id, r[3]) for r in rows]
+
+
+@pytest.mark.parametrize("settle", ["fail", "complete"])
+def test_a_settle_waits_for_the_run_before_locking_its_steps(db_url: str, settle: str) -> None:
+    """A second session holds the run's row (as complete_task does first), then asks
+    for the step state: it gets it at once, and the worker's statement, waiting on the
+    run, goes on after it commits. Before, the fenced fail locked the step state
+    first and one of the two was rolled back as a deadlock."""
+    deploy(db_url, two)
+    run_id, fences = _claim_both(db_url)
+    fence = next(f for f in fences if f[1] == "left")
+    errors: list[BaseException] = []
+
+    def worker_settles() -> None:
+        engine = sync_engine(db_url)
+        try:
+            with engine.begin() as conn:
+                if settle == "fail":
+                    query = worker_queries.fail_fenced([fence], ["boom"])
+                else:
+                    query = worker_queries.complete_fenced([fence], [1])
+                assert len(conn.execute(*query).all()) == 1
+        except BaseException as exc:  # reported by the test below
+            errors.append(exc)
+        finally:
+            engine.dispose()
+
+    with psycopg.connect(db_url) as other:
+        other.execute("SET deadlock_timeout = '100ms'")
+        other.execute("SELECT 1 FROM pgflow.runs WHERE run_id = %s FOR UPDATE", [run_id])
+        settling = threading.Thread(target=worker_settles)
+        settling.start()
+        deadline = time.monotonic() + 10
+        with psycopg.connect(db_url, autocommit=True) as watch:
+            while time.monotonic() < deadline:
+                waiting = watch.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'"
+                ).fetchone()[0]
+                if waiting:
+                    break
+                time.sleep(0.02)
+        assert waiting, "the worker's statement never waited for the run's row"
+        time.sleep(0.3)  # it would have locked the step state by now if it were going to
+        other.execute(
+            "SELECT 1 FROM pgflow.step_states WHERE run_id = %s AND step_slug = 'left' FOR UPDATE",
+            [run_id],
+        )
+        other.commit()
+    settling.join(10)
+    assert not settling.is_alive()
+    assert errors == []
+    with psycopg.connect(db_url) as conn:
+        status = conn.execute(
+            "SELECT status FROM pgflow.step_tasks WHERE run_id = %s AND step_slug = 'left'",
+            [run_id],
+        ).fetchone()[0]
+    assert status == ("queued" if settle == "fail" else "completed")
