@@ -44,16 +44,36 @@ def drop_databases(server: str) -> None:
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
     CREATED.clear()
+    _TEMPLATES.clear()
+
+
+_TEMPLATES: dict[str, str] = {}
 
 
 def pgflow_database(server: str, name: str | None = None) -> str:
-    """A fresh database with pgflow installed and the benchmark flows deployed."""
+    """A fresh database with pgflow installed and the benchmark flows deployed: a copy
+    of one made once per server and run (CREATE DATABASE ... TEMPLATE)."""
     from bench_app import flows
 
-    url = fresh_database(server, name)
-    install_schema(url)
-    deploy_flows(url, flows)
-    return url
+    template = _TEMPLATES.get(server)
+    if template is None:
+        url = fresh_database(server)
+        install_schema(url)
+        deploy_flows(url, flows)
+        template = _TEMPLATES[server] = to_sqlalchemy_url(url).database or ""
+    name = name or f"pgflow_sa_bench_{uuid.uuid4().hex[:8]}"
+    CREATED.add(name)
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(template)
+            )
+        )
+    url = to_sqlalchemy_url(server).set(database=name, drivername="postgresql")
+    return url.render_as_string(hide_password=False)
 
 
 def start_runs(url: str, flow: str, count: int, chunk: int = 10_000) -> None:

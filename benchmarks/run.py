@@ -264,7 +264,7 @@ def _transactions(conn: psycopg.Connection[Any]) -> int:
     ).fetchone()[0]
 
 
-def idle(server: str, seconds: float) -> dict[str, Any]:
+def idle(server: str, seconds: float, settle: float) -> dict[str, Any]:
     """An idle worker (defaults, notifications on): the connections it holds and the
     transactions it runs per second, from the server's statistics, after it has
     settled (its spare connections closed)."""
@@ -276,7 +276,7 @@ def idle(server: str, seconds: float) -> dict[str, Any]:
             start_runs(url, "bench_noop", 200)  # busy for a moment, then idle
             while runs_with_status(conn, "completed") < 200:
                 time.sleep(0.05)
-            time.sleep(17)  # two heartbeats without work, then one closes spare connections
+            time.sleep(settle)  # two heartbeats without work, then one closes spare connections
             before = _transactions(conn)
             time.sleep(seconds)
             after = _transactions(conn)
@@ -393,6 +393,8 @@ def main() -> int:
     parser.add_argument("--backlog", type=int, default=200_000, help="runs waiting (large)")
     parser.add_argument("--backlog-small", type=int, default=5000, help="runs waiting (small)")
     parser.add_argument("--idle-seconds", type=float, default=30)
+    parser.add_argument("--idle-settle", type=float, default=17, help="seconds idle first")
+    parser.add_argument("--bulk-rounds", type=int, default=3)
     parser.add_argument("--scale-tasks", type=int, default=20_000)
     parser.add_argument(
         "--only", default=",".join(MEASUREMENTS), help=f"comma-separated: {', '.join(MEASUREMENTS)}"
@@ -425,9 +427,11 @@ def main() -> int:
                 backlog(server, args.backlog, measured),
             ]
         if "idle" in only:
-            results["idle"] = idle(server, args.idle_seconds)
+            results["idle"] = idle(server, args.idle_seconds, args.idle_settle)
         if "bulk-start" in only:
-            results["bulk_start"] = bulk_start.measure(server, runs=2000, rounds=3)
+            results["bulk_start"] = bulk_start.measure(
+                server, runs=min(2000, args.tasks), rounds=args.bulk_rounds
+            )
         if "scale-out" in only:
             results["scale_out"] = scale_out(server, args.scale_tasks)
     finally:

@@ -35,7 +35,8 @@ TEXT = README.read_text()
 # the command works, on small sizes (its figures are not looked at)
 BENCH_SMOKE = [
     "--tasks", "200", "--seconds", "1", "--root-map-size", "50", "--backlog-small", "200",
-    "--backlog", "400", "--idle-seconds", "1", "--scale-tasks", "200",
+    "--backlog", "400", "--idle-seconds", "1", "--idle-settle", "1", "--scale-tasks", "200",
+    "--bulk-rounds", "1",
 ]  # fmt: skip
 
 
