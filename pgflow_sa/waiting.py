@@ -361,6 +361,18 @@ class RunWatcher:
                     await asyncio.sleep(FALSE_HINT_SPACING)
             yield RunEvent(event=f"run:{run.status.value}", run_id=rid, status=run.status.value)
 
+    async def hints(self, run_id: uuid.UUID | str) -> AsyncIterator[None]:
+        """Yield whenever the run may have changed (a notification, or a check that
+        found it changed), reading nothing: for callers that read what they need
+        themselves (the dashboard's live page reads only statuses). Never ends by
+        itself."""
+        rid = parse_run_id(run_id)
+        async with self.subscribe(rid, steps=True) as sub:
+            await self._activate()
+            while True:
+                await self._hinted(sub, None)
+                yield
+
 
 def _step_events(run: Run, seen: dict[str, str]) -> Iterator[RunEvent]:
     """Events for the steps whose status changed since ``seen`` (updated)."""

@@ -594,3 +594,54 @@ def test_an_unreachable_database_is_a_clear_503() -> None:
             status, body = http("GET", base + path)
             assert status == 503, (path, body)
             assert "cannot use the database" in body, body
+
+
+def test_hidden_payloads_hide_what_errors_quote(dash_db: dict[str, Any]) -> None:
+    """An error may quote the data (a validation error repeats the value it refused):
+    without payloads the pages show only its kind."""
+    run_id = dash_db["ids"]["failed"]
+    with serve_asgi(dashboard_app(dash_db["url"], show_payloads=False)) as base:
+        for path in (f"/runs/{run_id}", "/runs?status=failed"):
+            status, body = http("GET", base + path)
+            assert status == 200
+            assert "the dashboard shows this error" not in body, path
+            assert "RuntimeError: (details hidden with the payloads)" in body, path
+
+
+def _stream_lines(url: str, seconds: float) -> list[str]:
+    """What a server-sent events stream sends within ``seconds``."""
+    lines: list[str] = []
+    deadline = time.monotonic() + seconds
+    with urllib.request.urlopen(url, timeout=seconds + 5) as response:
+        while time.monotonic() < deadline:
+            line = response.readline().decode()
+            if not line:
+                break
+            lines.append(line.rstrip("\n"))
+    return lines
+
+
+def test_a_quiet_stream_keeps_writing_and_reads_only_statuses(
+    dash_db: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that does not change still gets a comment every safety interval (a WSGI
+    server learns only by writing that its client left: a silent stream was read for
+    ever), and the stream reads statuses, never the run's tasks."""
+    import pgflow_sa.dashboard.app as dashboard_module
+    import pgflow_sa.waiting as waiting_module
+
+    monkeypatch.setattr(dashboard_module, "SAFETY_INTERVAL", 0.3)
+    reads: list[str] = []
+    original = waiting_module.RunWatcher._read
+
+    async def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        reads.append("run with steps and tasks")
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(waiting_module.RunWatcher, "_read", counted)
+    run_id = dash_db["ids"]["running"]
+    with serve_asgi(dashboard_app(dash_db["url"])) as base:
+        lines = _stream_lines(f"{base}/runs/{run_id}/events", 1.5)
+    assert lines[0].startswith("data: ")
+    assert lines.count(": keep-alive") >= 2, lines
+    assert reads == []

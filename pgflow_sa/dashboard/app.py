@@ -32,7 +32,7 @@ from ..exceptions import InvalidInputError, PgflowSaError
 from ..models import RunStatus
 from ..schema import queries as client_queries
 from ..schema import tables
-from ..waiting import watch_run
+from ..waiting import watcher_for
 from . import actions, views
 from .dag import render_dag
 from .queries import (
@@ -138,6 +138,7 @@ def dashboard_app(
         seconds=views.seconds,
         pretty=views.pretty,
         show_payloads=show_payloads,
+        error_text=lambda message: views.error_text(message, show_payloads),
         allow_actions=allow_actions,
         run_actions=actions.RUN_ACTIONS if allow_actions else (),
     )
@@ -306,14 +307,15 @@ async def _read_state(engine: AsyncEngine, run_id: uuid.UUID) -> dict[str, Any]:
 
 async def _state_stream(engine: AsyncEngine, run_id: uuid.UUID) -> AsyncIterator[str]:
     """Server-sent events: the run's status and its steps' statuses, whenever they
-    change, until the run finishes. The waiting machinery's watch (one LISTEN
-    connection per engine, polling when notifications are off) only wakes this
-    loop; each wake-up, and every SAFETY_INTERVAL, reads the state afresh."""
+    change, until the run finishes. The waiting machinery's hints (one LISTEN
+    connection per engine, polling when notifications are off) only wake this loop,
+    which reads no more than the statuses: on each wake-up, and every
+    SAFETY_INTERVAL (then writing a comment when nothing changed)."""
     wake = asyncio.Event()
 
     async def listen() -> None:
         try:
-            async for _ in watch_run(engine, run_id):
+            async for _ in watcher_for(engine).hints(run_id):
                 wake.set()
         except Exception as exc:  # the timed reads carry on
             logger.debug("dashboard: watching run %s stopped: %s", run_id, exc)
@@ -327,6 +329,11 @@ async def _state_stream(engine: AsyncEngine, run_id: uuid.UUID) -> AsyncIterator
             if state != last:
                 yield f"data: {json.dumps(state)}\n\n"
                 last = state
+            else:
+                # a comment: a WSGI server learns only by writing that the client is
+                # gone (a stream left silent would read the run for ever), and
+                # proxies with idle timeouts keep the stream open
+                yield ": keep-alive\n\n"
             if state["run"] != RunStatus.STARTED.value:
                 return
             with contextlib.suppress(asyncio.TimeoutError):

@@ -111,3 +111,17 @@ def timeline(run: Run) -> list[Bar]:
                 )
             )
     return bars
+
+
+def error_text(message: str | None, show_payloads: bool) -> str:
+    """An error as the dashboard shows it: whole, or without payloads only what names
+    its kind (the text before the first colon): the rest may quote inputs — a
+    validation error repeats the value it refused."""
+    if not message:
+        return ""
+    if show_payloads:
+        return message
+    kind = message.split(":", 1)[0].strip()
+    if kind and len(kind) <= 80 and kind != message.strip():
+        return f"{kind}: (details hidden with the payloads)"
+    return "(hidden with the payloads)"
