@@ -19,6 +19,7 @@ from alembic.operations import MigrateOperation, Operations
 from alembic.util import CommandError
 
 from pgflow_sa.exceptions import InstallError
+from pgflow_sa.schedules.definition import definition_problem
 from pgflow_sa.schema import installer
 from pgflow_sa.schema.deploy import drop_flow_script, set_option_sql
 from pgflow_sa.schema.schedules import alter_schedule_sql, create_schedule_sql, drop_schedule_sql
@@ -266,6 +267,16 @@ class SetFlowOptionOp(MigrateOperation):
         )
 
 
+def _refuse_bad_schedule(name: str, columns: dict[str, Any]) -> None:
+    """A definition workers could not fire is refused when the migration runs (online
+    or ``--sql``), before anything is written; a drop is never refused."""
+    problem = definition_problem(columns)
+    if problem is not None:
+        raise CommandError(
+            f"schedule {name!r}: {problem}; correct the operation in the migration file"
+        )
+
+
 class _ScheduleDefinitionOp(MigrateOperation):
     """A schedule's whole definition (the columns of ``pgflow_sa.schedules`` code sets)."""
 
@@ -318,6 +329,7 @@ class CreateScheduleOp(_ScheduleDefinitionOp):
         return ("add_pgflow_schedule", self.name)
 
     def scripts(self) -> list[str]:
+        _refuse_bad_schedule(self.name, self.definition())
         return [create_schedule_sql(self.definition())]
 
 
@@ -351,6 +363,7 @@ class AlterScheduleOp(MigrateOperation):
         return ("modify_pgflow_schedule", self.name, self.previous, self.changes)
 
     def scripts(self) -> list[str]:
+        _refuse_bad_schedule(self.name, self.changes)
         return [alter_schedule_sql(self.name, self.changes)]
 
 

@@ -210,7 +210,8 @@ class Flow:
     ) -> Schedule:
         """Start this flow at every tick of ``cron`` (see :class:`Schedule`). ``name``
         (default: the flow slug) identifies the schedule in the database; ``input`` is
-        the run input (default ``{}``) or a function of the tick's time returning it."""
+        the run input (default ``{}``) or a plain (not async) function of the tick's
+        time returning it, which workers call in a thread."""
         schedule = Schedule(
             name=self.slug if name is None else name,
             flow_slug=self.slug,

@@ -18,7 +18,7 @@ from .manage import list_schedules, pause_schedule, resume_schedule, trigger_sch
 def _at(value: datetime | None, tz: str | None = None) -> str:
     if value is None:
         return "-"
-    local = value.astimezone(zone(tz) if tz else timezone.utc)
+    local = value.astimezone(zone(tz) if tz else timezone.utc)  # tz: a valid one
     return local.strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
@@ -32,7 +32,8 @@ def schedules() -> None:
 @database_url_option
 @clean_errors
 def schedules_list(as_json: bool, database_url: str | None) -> None:
-    """The schedules, with their next fire time in their time zone and in UTC."""
+    """The schedules, with their next fire time in their time zone and in UTC; one
+    whose stored definition no worker can fire is shown as invalid, with why."""
     now = datetime.now(timezone.utc)
     found = list_schedules(_database_url(database_url))
     if as_json:
@@ -47,6 +48,7 @@ def schedules_list(as_json: bool, database_url: str | None) -> None:
                         "timezone": item.timezone,
                         "catch_up": item.catch_up,
                         "paused": item.paused,
+                        "problem": item.problem,
                         "next_fire_at": upcoming.isoformat() if upcoming else None,
                         "last_fired_tick": (
                             item.last_fired_tick.isoformat() if item.last_fired_tick else None
@@ -56,15 +58,20 @@ def schedules_list(as_json: bool, database_url: str | None) -> None:
             )
         return
     rows = []
+    problems = []
     for item in found:
         upcoming = item.upcoming(now)
+        state = "paused" if item.paused else "active"
+        if item.problem is not None:
+            state = "invalid"
+            problems.append(f"{item.name}: {item.problem} (no worker fires it)")
         rows.append(
             [
                 item.name,
                 item.flow_slug,
                 item.cron,
-                "paused" if item.paused else "active",
-                _at(upcoming, item.timezone),
+                state,
+                _at(upcoming, None if item.problem else item.timezone),
                 _at(upcoming),
                 _at(item.last_fired_tick),
                 item.catch_up,
@@ -81,6 +88,8 @@ def schedules_list(as_json: bool, database_url: str | None) -> None:
         "CATCH-UP",
     ]
     for line in _table(headers, rows):
+        click.echo(line)
+    for line in problems:
         click.echo(line)
 
 
@@ -99,7 +108,8 @@ def schedules_pause(name: str, database_url: str | None) -> None:
 @database_url_option
 @clean_errors
 def schedules_resume(name: str, database_url: str | None) -> None:
-    """Fire schedule NAME again, from its next tick on (missed ticks are not caught up)."""
+    """Fire schedule NAME again, from its next tick on (missed ticks are not caught up);
+    nothing changes if it is not paused."""
     resume_schedule(_database_url(database_url), name)
     click.echo(f"resumed {name}")
 

@@ -40,6 +40,15 @@ def zone(name: str) -> ZoneInfo:
         ) from None
 
 
+def zone_problem(name: str) -> str | None:
+    """Why ``name`` is not an IANA time zone, or None."""
+    try:
+        zone(name)
+    except FlowDefinitionError as exc:
+        return str(exc)
+    return None
+
+
 def cron_problem(expression: str) -> str | None:
     """Why ``expression`` is not a cron expression cronsim reads, or None."""
     if not isinstance(expression, str) or not expression.strip():

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..exceptions import FlowDefinitionError
-from .cron import cron_problem, zone
+from .cron import cron_problem, zone, zone_problem
 
 if TYPE_CHECKING:
     from ..dsl import Flow
@@ -24,13 +25,46 @@ DEFAULT_CATCH_UP_LIMIT = 10
 InputFunction = Callable[[datetime], Any]
 
 
+def column_problem(column: str, value: Any) -> str | None:
+    """Why ``value`` cannot be the stored ``column`` of a schedule (``cron``,
+    ``timezone``, ``catch_up``, ``catch_up_limit``), or None (also for other columns)."""
+    if column == "cron":
+        problem = cron_problem(value)
+        return None if problem is None else f"{value!r} {problem}"
+    if column == "timezone":
+        return zone_problem(value)
+    if column == "catch_up" and value not in CATCH_UP_POLICIES:
+        return f"catch_up must be one of {', '.join(CATCH_UP_POLICIES)}, not {value!r}"
+    if column == "catch_up_limit" and (
+        isinstance(value, bool) or not isinstance(value, int) or value < 1
+    ):
+        return f"catch_up_limit must be an integer >= 1, not {value!r}"
+    return None
+
+
+def definition_problem(columns: Mapping[str, Any]) -> str | None:
+    """The first problem of a stored definition (or of changes to one), or None."""
+    for column, value in columns.items():
+        problem = column_problem(column, value)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _is_async(function: Any) -> bool:
+    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
+        getattr(function, "__call__", None)  # noqa: B004 - an object with async __call__
+    )
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Start ``flow_slug`` at every tick of ``cron`` (5 fields, or 6 with seconds
     first) in ``timezone``. ``catch_up`` says what a worker does with ticks that fell
     due while no worker ran: ``"latest"`` fires the latest of them once, ``"skip"``
     fires none (only a tick at most SKIP_GRACE_SECONDS late), ``"all"`` fires each of
-    them, at most the latest ``catch_up_limit``."""
+    them, at most the latest ``catch_up_limit``. The policy applies whenever a worker
+    finds ticks overdue, also a worker that fell behind while running."""
 
     name: str
     flow_slug: str
@@ -60,6 +94,12 @@ class Schedule:
         limit = self.catch_up_limit
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise FlowDefinitionError(f"{where}: catch_up_limit must be an integer >= 1")
+        if _is_async(self.input):
+            raise FlowDefinitionError(
+                f"{where}: the input function is async; give a plain function of the tick's "
+                "time (workers call it in a thread, outside their event loop; an async one "
+                "would return a coroutine, not the input)"
+            )
         if not callable(self.input):
             try:
                 json.dumps(self.input, allow_nan=False)

@@ -17,6 +17,7 @@ from ..dsl import Flow
 from ..exceptions import PgflowSaError, ScheduleNotFoundError
 from ..schema import schedules as sql
 from .cron import next_tick
+from .definition import definition_problem
 
 T = TypeVar("T")
 Target = Connection | Engine | str | URL
@@ -38,11 +39,20 @@ class ScheduleInfo:
     last_fired_tick: datetime | None
     paused: bool
 
+    @property
+    def problem(self) -> str | None:
+        """Why no worker can fire this stored definition (an unknown time zone, a cron
+        expression cronsim does not read, written by hand or by an old migration), or
+        None."""
+        return definition_problem(
+            {c: getattr(self, c) for c in ("cron", "timezone", "catch_up", "catch_up_limit")}
+        )
+
     def upcoming(self, now: datetime | None = None) -> datetime | None:
         """When it fires next (UTC): the stored time, or, for a schedule no worker has
         looked at since it was created, changed or resumed, the first tick after
-        ``now``. None while paused."""
-        if self.paused:
+        ``now``. None while paused, or when its definition has a :attr:`problem`."""
+        if self.paused or self.problem is not None:
             return None
         if self.next_fire_at is not None:
             return self.next_fire_at
@@ -81,7 +91,9 @@ def list_schedules(target: Target) -> list[ScheduleInfo]:
 def _set_paused(target: Target, name: str, paused: bool) -> None:
     def work(conn: Connection) -> None:
         _require_table(conn)
-        if conn.execute(sql.set_paused_statement(name, paused)).first() is None:
+        if conn.execute(sql.set_paused_statement(name, paused)).first() is not None:
+            return
+        if conn.execute(sql.exists_one_statement(name)).first() is None:
             raise _not_found(conn, name)
 
     _in_transaction(target, work)
@@ -102,7 +114,7 @@ def pause_schedule(target: Target, name: str) -> None:
 
 def resume_schedule(target: Target, name: str) -> None:
     """Fire ``name`` again from its next tick on (ticks passed while paused are not
-    caught up)."""
+    caught up). Changes nothing when ``name`` is not paused."""
     _set_paused(target, name, False)
 
 

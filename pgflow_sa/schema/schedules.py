@@ -63,12 +63,12 @@ def read_statement(
     return query
 
 
-def poll_statement(flow_slugs: Sequence[str]) -> Executable:
+def poll_statement(flow_slugs: Sequence[str], names: Sequence[str]) -> Executable:
     """What a worker's scheduler reads each time it looks: the database's clock and
-    the timing of the schedules of its flows (one small query)."""
+    the timing of the schedules its code declares (one small query)."""
     return select(
         func.clock_timestamp().label("now"), s.c.name, s.c.next_fire_at, s.c.paused
-    ).where(s.c.flow_slug.in_(list(flow_slugs)))
+    ).where(s.c.flow_slug.in_(list(flow_slugs)), s.c.name.in_(list(names)))
 
 
 def lock_due_statement(name: str, now: datetime) -> Executable:
@@ -133,12 +133,23 @@ def set_next_statement(name: str, next_fire_at: datetime | None) -> Executable:
 
 
 def set_paused_statement(name: str, paused: bool) -> Executable:
-    """Pause or resume; a resume sets the next fire time to NULL, so ticks passed
-    while paused are not caught up."""
+    """Pause or resume a schedule that is not so already (no row returned otherwise:
+    a resume of an active schedule keeps its next fire time, and so its catch-up
+    backlog). A resume sets the next fire time to NULL, so ticks passed while paused
+    are not caught up."""
     values: dict[str, Any] = {"paused": paused, "updated_at": func.now()}
     if not paused:
         values["next_fire_at"] = None
-    return s.update().where(s.c.name == name).values(values).returning(s.c.name)
+    return (
+        s.update()
+        .where(s.c.name == name, s.c.paused.is_(not paused))
+        .values(values)
+        .returning(s.c.name)
+    )
+
+
+def exists_one_statement(name: str) -> Executable:
+    return select(s.c.name).where(s.c.name == name)
 
 
 def recent_runs_statement(name: str, limit: int) -> Executable:

@@ -14,14 +14,13 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import Row
+from sqlalchemy import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._db import DB_ERRORS, classify, first_line, sqlstate
 from ..dsl import Flow
-from ..schedules.firing import fire_schedule, set_next_fire_times
+from ..schedules.firing import fire_step
 from ..schema import schedules as sql
 
 logger = logging.getLogger("pgflow_sa.worker")
@@ -34,6 +33,11 @@ _UNDEFINED_TABLE = "42P01"
 
 
 class Scheduler:
+    """Fires the schedules ``flows`` declare, by name: a stored schedule this code
+    does not declare (a newer release's, during a rolling deploy) is left to the
+    workers that do. A schedule whose stored definition cannot be fired is logged
+    once (again when its problem changes) and skipped; the others keep firing."""
+
     def __init__(
         self, engine: AsyncEngine, flows: Sequence[Flow], check_interval: float = CHECK_INTERVAL
     ) -> None:
@@ -41,16 +45,23 @@ class Scheduler:
         self.flows = {flow.slug: flow for flow in flows}
         self.code = {s.name: s for flow in flows for s in flow.schedules}
         self.check_interval = check_interval
+        #: schedules whose stored definition cannot be fired: name -> why (as logged)
+        self.problems: dict[str, str] = {}
 
     async def look(self) -> float:
         """Fire what is due now; the seconds until the next look."""
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(sql.poll_statement(list(self.flows)))).all()
+            statement = sql.poll_statement(list(self.flows), names=list(self.code))
+            rows = (await conn.execute(statement)).mappings().all()
         if not rows:
             return self.check_interval
-        now: datetime = rows[0].now
+        now: datetime = rows[0]["now"]
         await self._fire(rows, now)
-        upcoming = [r.next_fire_at for r in rows if not r.paused and r.next_fire_at is not None]
+        upcoming = [
+            r["next_fire_at"]
+            for r in rows
+            if not r["paused"] and r["next_fire_at"] is not None and r["name"] not in self.problems
+        ]
         if not upcoming:
             return self.check_interval
         until: float = (min(upcoming) - now).total_seconds()
@@ -58,15 +69,22 @@ class Scheduler:
             return RACE_PAUSE
         return min(self.check_interval, until)
 
-    async def _fire(self, rows: Sequence[Row[Any]], now: datetime) -> None:
-        unset = [r.name for r in rows if not r.paused and r.next_fire_at is None]
-        if unset:
-            async with self.engine.connect() as conn:
-                full = (await conn.execute(sql.read_statement(names=unset))).mappings().all()
-            await set_next_fire_times(self.engine, full, now)
-        for row in rows:
-            if not row.paused and row.next_fire_at is not None and row.next_fire_at <= now:
-                await fire_schedule(self.engine, row.name, now, self.flows, self.code)
+    async def _fire(self, rows: Sequence[RowMapping], now: datetime) -> None:
+        step = await fire_step(self.engine, rows, now, self.flows, self.code)
+        for name, problem in step.problems.items():
+            if self.problems.get(name) != problem:
+                logger.error(
+                    "schedule %s is not fired: its stored definition fails (%s); the other "
+                    "schedules fire. Correct it with `pgflow-sa flows deploy` or a migration",
+                    name,
+                    problem,
+                )
+        present = {r["name"] for r in rows}
+        self.problems = {
+            name: problem
+            for name, problem in {**self.problems, **step.problems}.items()
+            if name in present and (name in step.problems or name not in step.tried)
+        }
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Look, sleep, look again, until ``stopping`` is set. Database errors are
