@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import subprocess
 import tempfile
@@ -14,6 +15,14 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from .throwaway_server import _free_port, _system_user
+
+
+def _socket_owner(host: str) -> pwd.struct_passwd | None:
+    """The user owning a Unix socket directory (None for a TCP host, or root)."""
+    if os.geteuid() != 0 or not host.startswith("/"):
+        return None
+    uid = os.stat(host).st_uid
+    return pwd.getpwuid(uid) if uid != 0 else None
 
 
 class PgBouncer:
@@ -45,7 +54,9 @@ class PgBouncer:
             f"pidfile = {self.folder / 'pgbouncer.pid'}\n"
         )
         (self.folder / "users.txt").write_text(f'"{self.user}" ""\n')
-        self._owner = _system_user()  # pgbouncer refuses to run as root
+        # pgbouncer refuses to run as root: as the server's user (it can reach the
+        # server's socket directory), else the system's postgres user
+        self._owner = _socket_owner(host) or _system_user()
         if self._owner is not None:
             for path in [self.folder, *self.folder.iterdir()]:
                 os.chown(path, self._owner.pw_uid, self._owner.pw_gid)
