@@ -82,7 +82,9 @@ class PgBouncer:
                 if self.proc.poll() is not None:
                     break
                 time.sleep(0.1)
-        raise RuntimeError(f"pgbouncer did not start:\n{self.log()}")
+        log = self.log()
+        self.stop()  # nothing left running behind a failed start
+        raise RuntimeError(f"pgbouncer did not start:\n{log}")
 
     def url(self, database: str) -> str:
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"

@@ -583,9 +583,9 @@ async def nothing(input: Any) -> None:
 
 #: the worker's backends but its LISTEN one: pid, and application_name once it has
 #: been connected for a moment (a name set right after connecting is not yet shown)
+# a backend shows its application_name once its start-up is through (empty before)
 WORKER_BACKENDS = (
-    "SELECT pid, CASE WHEN backend_start < clock_timestamp() - interval '0.2 s' "
-    "THEN application_name END "
+    "SELECT pid, NULLIF(application_name, '') "
     "FROM pg_stat_activity WHERE datname = %s "
     "AND backend_type = 'client backend' AND pid <> pg_backend_pid() "
     "AND query NOT LIKE 'LISTEN%%'"
