@@ -73,3 +73,7 @@ def deploy_advice(flow_slugs: Iterable[str], app: str | None = None) -> str:
 
 class ScheduleNotFoundError(PgflowSaError, LookupError):
     """There is no such schedule in this database."""
+
+
+class ScheduleConflictError(PgflowSaError):
+    """A schedule name the code declares belongs to another flow in this database."""

@@ -4,6 +4,7 @@ or async input functions, resume of a schedule that was not paused."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
@@ -20,11 +21,13 @@ from alembic_ext import AlterScheduleOp, CreateScheduleOp
 from pgflow_sa import (
     Flow,
     FlowDefinitionError,
+    PgflowSaError,
     async_engine_from_url,
     deploy_flows,
     fire_due_schedules,
     list_schedules,
     resume_schedule,
+    trigger_schedule,
 )
 from pgflow_sa.worker.scheduler import RACE_PAUSE, Scheduler
 
@@ -249,3 +252,105 @@ async def test_resume_of_an_active_schedule_keeps_its_backlog(
     fired = await fire_due_schedules(engine, T0 + timedelta(hours=1, seconds=30), [flow])
     assert len(fired) == 4
     await asyncio.sleep(0)
+
+
+# --- D2: a schedule name another flow owns is refused, not taken over ------------------
+
+
+def _owner(url: str, name: str) -> tuple[str, str] | None:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT flow_slug, cron FROM pgflow_sa.schedules WHERE name = %s", [name]
+        ).fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+def test_deploy_refuses_a_schedule_name_another_flow_owns(db_url: str) -> None:
+    deploy_flows(db_url, reports({"cron": "0 * * * *", "name": "nightly"}))
+    other = Flow("other_app_flow")
+    other.step(slug="echo")(lambda input: input)
+    other.schedule("0 4 * * *", name="nightly")
+    with pytest.raises(PgflowSaError) as caught:
+        deploy_flows(db_url, other)
+    message = str(caught.value)
+    assert "'nightly'" in message and "flow 'reports'" in message
+    assert "rename" in message and "drop" in message
+    assert _owner(db_url, "nightly") == ("reports", "0 * * * *")
+    with psycopg.connect(db_url) as conn:  # nothing of the deploy was written
+        assert conn.execute(
+            "SELECT count(*) FROM pgflow.flows WHERE flow_slug = 'other_app_flow'"
+        ).fetchone() == (0,)
+
+
+def test_alembic_create_schedule_refuses_a_name_another_flow_owns(db_url: str) -> None:
+    deploy_flows(db_url, reports({"cron": "0 * * * *", "name": "nightly"}))
+    (script,) = CreateScheduleOp("nightly", "other_app_flow", "0 4 * * *").scripts()
+    with pytest.raises(psycopg.errors.RaiseException, match="belongs to flow 'reports'"):
+        execute(db_url, script)
+    assert _owner(db_url, "nightly") == ("reports", "0 * * * *")
+    # the same flow's schedule of that name still takes the definition
+    (script,) = CreateScheduleOp("nightly", "reports", "0 5 * * *").scripts()
+    execute(db_url, script)
+    assert _owner(db_url, "nightly") == ("reports", "0 5 * * *")
+
+
+# --- D4: an input whose stored reference would change at every deploy is refused ------
+
+
+class _Callable:
+    def __call__(self, tick: datetime) -> dict[str, Any]:
+        return {}
+
+
+def _prefixed(prefix: str, tick: datetime) -> dict[str, Any]:
+    return {"p": prefix + tick.isoformat()}
+
+
+@pytest.mark.parametrize(
+    "function", [functools.partial(_prefixed, "x"), _Callable()], ids=["partial", "object"]
+)
+def test_an_input_callable_without_a_stable_name_is_refused(function: Any) -> None:
+    with pytest.raises(FlowDefinitionError, match="give a function defined with def"):
+        reports({"cron": "* * * * *", "input": function})
+
+
+def test_a_deploy_of_unchanged_input_functions_changes_nothing(db_url: str) -> None:
+    flow = reports(
+        {"cron": "* * * * *", "name": "by_def", "input": computed},
+        {"cron": "* * * * *", "name": "by_lambda", "input": lambda tick: {}},
+    )
+    assert deploy_flows(db_url, flow).schedules_added == ["by_def", "by_lambda"]
+    again = deploy_flows(db_url, flow)
+    assert (again.schedules_added, again.schedules_updated) == ([], [])
+    assert _owner(db_url, "by_def") is not None
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute(
+            "SELECT input_function FROM pgflow_sa.schedules WHERE name = 'by_def'"
+        ).fetchone() == (f"{__name__}:computed",)
+
+
+# --- a manual trigger computes the input before it locks the schedule's row ------------
+
+
+def test_trigger_computes_the_input_without_the_row_locked(db_url: str) -> None:
+    seen: list[bool] = []
+
+    def probe(tick: datetime) -> dict[str, Any]:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            try:
+                conn.execute(
+                    "SELECT 1 FROM pgflow_sa.schedules WHERE name = 'probe' FOR UPDATE NOWAIT"
+                )
+                seen.append(False)
+            except psycopg.errors.LockNotAvailable:
+                seen.append(True)
+        return {"at": tick.isoformat()}
+
+    flow = reports({"cron": "0 * * * *", "name": "probe", "input": probe})
+    deploy_flows(db_url, flow)
+    run_id = trigger_schedule(db_url, "probe", flows=[flow])
+    assert seen == [False]
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute(
+            "SELECT manual FROM pgflow_sa.schedule_runs WHERE run_id = %s", [run_id]
+        ).fetchone() == (True,)

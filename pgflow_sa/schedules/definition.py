@@ -100,6 +100,15 @@ class Schedule:
                 "time (workers call it in a thread, outside their event loop; an async one "
                 "would return a coroutine, not the input)"
             )
+        if callable(self.input) and not (
+            inspect.isfunction(self.input) or inspect.ismethod(self.input)
+        ):
+            raise FlowDefinitionError(
+                f"{where}: the input is a {type(self.input).__name__}, not a function: give a "
+                "function defined with def (at module level, e.g. one calling it with its "
+                "arguments); the schedule's stored input_function is the function's "
+                "module:qualname, and this one's would change at every deploy"
+            )
         if not callable(self.input):
             try:
                 json.dumps(self.input, allow_nan=False)
@@ -111,11 +120,11 @@ class Schedule:
 
     @property
     def input_function(self) -> str | None:
-        """``module:qualname`` of an input computed at tick time, None for fixed input."""
+        """``module:qualname`` of an input computed at tick time, None for fixed input
+        (the same at every deploy: only functions and methods are accepted)."""
         if not callable(self.input):
             return None
-        module = getattr(self.input, "__module__", "?")
-        return f"{module}:{getattr(self.input, '__qualname__', repr(self.input))}"
+        return f"{self.input.__module__}:{self.input.__qualname__}"
 
     def stored_input(self) -> Any:
         """The input as stored (None when a function computes it), checked against

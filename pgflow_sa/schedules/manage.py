@@ -14,7 +14,7 @@ from sqlalchemy.engine import URL
 
 from ..client import start_flow
 from ..dsl import Flow
-from ..exceptions import PgflowSaError, ScheduleNotFoundError
+from ..exceptions import PgflowSaError, ScheduleConflictError, ScheduleNotFoundError
 from ..schema import schedules as sql
 from .cron import next_tick
 from .definition import definition_problem
@@ -125,7 +125,9 @@ def trigger_schedule(target: Target, name: str, *, flows: Iterable[Flow] = ()) -
 
     def work(conn: Connection) -> uuid.UUID:
         _require_table(conn)
-        row = conn.execute(sql.lock_statement(name)).mappings().first()
+        # the input is computed before the row is locked (as the workers do): a slow
+        # input function holds up no worker firing this schedule
+        row = conn.execute(sql.read_statement(names=[name])).mappings().first()
         if row is None:
             raise _not_found(conn, name)
         flow: Flow | str = row["flow_slug"]
@@ -141,6 +143,8 @@ def trigger_schedule(target: Target, name: str, *, flows: Iterable[Flow] = ()) -
                     "give its flows (trigger_schedule(..., flows=registry), or --app APP)"
                 )
             value = code.input_at(datetime.now(timezone.utc))
+        if conn.execute(sql.lock_statement(name)).first() is None:
+            raise _not_found(conn, name)  # deleted meanwhile
         run_id = uuid.uuid4()
         claim = sql.claim_tick_statement(name, None, row["flow_slug"], run_id, manual=True)
         if conn.execute(claim).first() is None:  # pragma: no cover - clock_timestamp() ticks
@@ -151,16 +155,29 @@ def trigger_schedule(target: Target, name: str, *, flows: Iterable[Flow] = ()) -
     return _in_transaction(target, work)
 
 
+def refuse_taken_names(conn: Connection, code: list[dict[str, Any]]) -> None:
+    """Raise :class:`ScheduleConflictError` when a schedule of ``code``
+    (``Schedule.stored()``) has the name of another flow's stored schedule."""
+    if not code or not sql.schedules_installed(conn):
+        return
+    problems = sql.owner_conflicts(conn, code)
+    if problems:
+        raise ScheduleConflictError("nothing was deployed: " + "; ".join(problems))
+
+
 def sync_schedules(conn: Connection, flows: Iterable[Flow]) -> sql.ScheduleDiff:
     """Make the stored schedules of ``flows`` those their code declares: add the new,
     update the changed (a changed cron or time zone fires from its next tick), delete
-    those no longer declared (the runs they started stay). Paused stays paused."""
+    those no longer declared (the runs they started stay). Paused stays paused. A
+    schedule name another flow's stored schedule has is refused
+    (:class:`ScheduleConflictError`), before anything changes."""
     chosen = list(flows)
     code = [s.stored() for flow in chosen for s in flow.schedules]
     if not sql.schedules_installed(conn):
         if code:
             raise sql.SchedulesMissingError()
         return sql.ScheduleDiff()
+    refuse_taken_names(conn, code)
     diff = sql.diff_schedules(code, sql.read_definitions(conn, [f.slug for f in chosen]))
     sql.apply_diff(conn, diff)
     return diff

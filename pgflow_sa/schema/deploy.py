@@ -74,11 +74,13 @@ def _deploy(conn: Connection, flows: list[Flow]) -> DeployReport:
             + ". Deploy the changed flow under a new slug (e.g. my_flow_v2), or change "
             "options with an Alembic migration"
         )
+    from ..schedules.manage import refuse_taken_names, sync_schedules
+
+    # before anything is written, also on a caller's Connection
+    refuse_taken_names(conn, [s.stored() for flow in flows for s in flow.schedules])
     for flow in to_create:
         run_compiled(conn, compile_flow(flow))
         report.created.append(flow.slug)
-    from ..schedules.manage import sync_schedules
-
     synced = sync_schedules(conn, flows)
     report.schedules_added = [d["name"] for d in synced.added]
     report.schedules_updated = [c.name for c in synced.changed]

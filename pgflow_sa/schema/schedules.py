@@ -210,6 +210,30 @@ def diff_schedules(
     return diff
 
 
+def owner_advice(name: str, owner: str, flow_slug: str) -> str:
+    """Why a schedule of ``flow_slug`` named ``name`` is refused, and what to do."""
+    return (
+        f"schedule {name!r} belongs to flow {owner!r}, not {flow_slug!r} (schedule names "
+        "are unique in a database): rename this one (flow.schedule(..., name=...)), or "
+        f"drop the other one first (deploy the app of {owner!r} without it, or an Alembic "
+        "DropScheduleOp)"
+    )
+
+
+def owner_conflicts(conn: Connection, code: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Why each schedule in ``code`` (``Schedule.stored()``) whose name another flow's
+    stored schedule has is refused (a sync must not take it over)."""
+    wanted = {d["name"]: d["flow_slug"] for d in code}
+    if not wanted:
+        return []
+    rows = conn.execute(read_statement(names=list(wanted))).mappings()
+    return [
+        owner_advice(r["name"], r["flow_slug"], wanted[r["name"]])
+        for r in rows
+        if r["flow_slug"] != wanted[r["name"]]
+    ]
+
+
 def read_definitions(conn: Connection, flow_slugs: Sequence[str]) -> list[dict[str, Any]]:
     rows = conn.execute(read_statement(flow_slugs=flow_slugs)).mappings().all()
     return [definition_of(row) for row in rows]
@@ -252,14 +276,32 @@ def _literal(value: Any, column: str) -> str:
 
 def create_schedule_sql(definition: Mapping[str, Any]) -> str:
     """Insert a schedule (its next fire time is left to the first worker that looks);
-    an existing one of the same name takes the definition."""
+    an existing one of the same name and flow takes the definition; one of another
+    flow makes it raise (a DO block: also in Alembic's offline SQL)."""
+    from .installer import sql_literal
+
     columns = ["name", *DEFINITION_COLUMNS]
     values = ", ".join(_literal(definition[c], c) for c in columns)
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in DEFINITION_COLUMNS)
-    return (
-        f"INSERT INTO {PGFLOW_SA_SCHEMA}.schedules ({', '.join(columns)}) VALUES ({values}) "
-        f"ON CONFLICT (name) DO UPDATE SET {updates}, next_fire_at = NULL, updated_at = now();"
+    table = f"{PGFLOW_SA_SCHEMA}.schedules"
+    message = sql_literal(
+        owner_advice(definition["name"], "%", definition["flow_slug"])
+        .replace("%", "%%")
+        .replace("'%%'", "%")
     )
+    return f"""DO $pgflow_sa$
+DECLARE
+  owner text;
+BEGIN
+  INSERT INTO {table} ({", ".join(columns)}) VALUES ({values})
+  ON CONFLICT (name) DO UPDATE SET {updates}, next_fire_at = NULL, updated_at = now()
+  WHERE {table}.flow_slug = EXCLUDED.flow_slug;
+  IF NOT FOUND THEN
+    SELECT flow_slug INTO owner FROM {table} WHERE name = {_literal(definition["name"], "name")};
+    RAISE EXCEPTION {message}, quote_literal(owner), quote_literal(owner);
+  END IF;
+END
+$pgflow_sa$;"""
 
 
 def alter_schedule_sql(name: str, changes: Mapping[str, Any]) -> str:
