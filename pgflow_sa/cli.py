@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import signal
@@ -681,6 +682,13 @@ def _run_to_the_end(main: Coroutine[Any, Any, None]) -> None:
         loop.close()
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8765, show_default=True, help="Port to listen on.")
@@ -714,6 +722,13 @@ def dashboard(host: str, port: int, hide_payloads: bool, database_url: str | Non
         finally:
             await engine.dispose()
 
+    if not _is_loopback(host):
+        click.echo(
+            f"pgflow-sa dashboard: warning: listening on {host}, and the dashboard has no "
+            "authentication of its own: anyone who reaches it sees every run (mount "
+            "dashboard_app in an app of yours with an auth hook for that)",
+            err=True,
+        )
     click.echo(f"pgflow-sa dashboard of {mask_password(url)} at http://{host}:{port}/", err=True)
     _run_to_the_end(serve())
 

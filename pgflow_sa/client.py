@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import Row
@@ -324,8 +324,11 @@ def _page_query(
     if after is not None:
         try:
             stamp, _, rid = after.partition("|")
-            cursor = (datetime.fromisoformat(stamp), uuid.UUID(rid))
-        except ValueError:
+            moment = datetime.fromisoformat(stamp)
+            if moment.tzinfo is not None:
+                moment.astimezone(timezone.utc)  # out of the database's range: refused here
+            cursor = (moment, uuid.UUID(rid))
+        except (ValueError, OverflowError):
             raise InvalidInputError(
                 f"after must be a next_cursor from a previous page, not {after!r}"
             ) from None

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -176,8 +177,8 @@ def serve_wsgi(app: Any) -> Iterator[str]:
         thread.join(10)
 
 
-def http(method: str, url: str) -> tuple[int, str]:
-    request = urllib.request.Request(url, method=method)
+def http(method: str, url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, response.read().decode()
@@ -421,7 +422,7 @@ def test_fastapi_mount(dash_db: dict[str, Any]) -> None:
         assert http("GET", base + "/") == (200, '{"app":"mine"}')
         status, body = http("GET", base + "/pgflow/runs")
         assert status == 200
-        assert f'href="{base}/pgflow/runs/{run_id}"' in body  # links stay inside the mount
+        assert f'href="/pgflow/runs/{run_id}"' in body  # links stay inside the mount
         status, body = http("GET", f"{base}/pgflow/runs/{run_id}")
         assert status == 200 and 'data-step="double"' in body
         assert http("GET", base + "/pgflow/workers")[0] == 200
@@ -446,7 +447,7 @@ def test_flask_mount(dash_db: dict[str, Any]) -> None:
         status, body = http("GET", base + "/pgflow/")
         assert status == 200 and 'data-flow="dash_orders"' in body
         status, body = http("GET", base + "/pgflow/runs?status=failed")
-        assert status == 200 and f'href="{base}/pgflow/runs/{run_id}"' in body
+        assert status == 200 and f'href="/pgflow/runs/{run_id}"' in body
         status, body = http("GET", f"{base}/pgflow/runs/{run_id}")
         assert status == 200 and "the dashboard shows this error" in body
     engine.dispose()
@@ -608,6 +609,17 @@ def test_hidden_payloads_hide_what_errors_quote(dash_db: dict[str, Any]) -> None
             assert "RuntimeError: (details hidden with the payloads)" in body, path
 
 
+def _idle_run(url: str) -> uuid.UUID:
+    """A run that stays started whatever the tests' order: no worker serves its flow
+    (the "running" run of dash_db finishes once test_running_run_turns_green_live has
+    opened its gates)."""
+    if not _sql(url, "SELECT 1 FROM pgflow.flows WHERE flow_slug = 'dash_idle'"):
+        _sql(url, "SELECT pgflow.create_flow('dash_idle')")
+        _sql(url, "SELECT pgflow.add_step('dash_idle', 'wait')")
+    run_id: uuid.UUID = _sql(url, "SELECT run_id FROM pgflow.start_flow('dash_idle', '{}')")[0][0]
+    return run_id
+
+
 def _stream_lines(url: str, seconds: float) -> list[str]:
     """What a server-sent events stream sends within ``seconds``."""
     lines: list[str] = []
@@ -639,9 +651,84 @@ def test_a_quiet_stream_keeps_writing_and_reads_only_statuses(
         return await original(self, *args, **kwargs)
 
     monkeypatch.setattr(waiting_module.RunWatcher, "_read", counted)
-    run_id = dash_db["ids"]["running"]
+    run_id = _idle_run(dash_db["url"])
     with serve_asgi(dashboard_app(dash_db["url"])) as base:
         lines = _stream_lines(f"{base}/runs/{run_id}/events", 1.5)
     assert lines[0].startswith("data: ")
     assert lines.count(": keep-alive") >= 2, lines
     assert reads == []
+
+
+def test_a_big_map_run_page_shows_a_bounded_window_of_tasks(
+    dash_db: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A map of hundreds of tasks: the page shows TASKS_SHOWN of them per step (and
+    as many timeline bars), the step's counts by status, and pages through the rest
+    by task index."""
+    import pgflow_sa.dashboard.app as dashboard_module
+
+    monkeypatch.setattr(dashboard_module, "TASKS_SHOWN", 20)
+    url = dash_db["url"]
+    _sql(url, "SELECT pgflow.create_flow('dash_big')")
+    _sql(url, "SELECT pgflow.add_step('dash_big', 'items', step_type => 'map')")
+    _sql(url, "SELECT pgflow.add_step('dash_big', 'after_items', ARRAY['items'])")
+    run_id = _sql(
+        url, "SELECT run_id FROM pgflow.start_flow('dash_big', %s::jsonb)", str(list(range(300)))
+    )[0][0]
+    with serve_asgi(dashboard_app(url)) as base:
+        status, body = http("GET", f"{base}/runs/{run_id}")
+        assert status == 200, body
+        assert body.count('<tr class="task"') == 20
+        assert body.count('class="row"') == 20
+        assert "300 queued" in body
+        assert f'href="/runs/{run_id}?tasks_after=19"' in body
+        status, body = http("GET", f"{base}/runs/{run_id}?tasks_after=19")
+        assert status == 200 and body.count('<tr class="task"') == 20
+        assert "<td>20</td>" in body and "<td>39</td>" in body and "<td>19</td>" not in body
+        assert "<pre>25</pre>" in body  # task 25's input: its element
+        status, body = http("GET", f"{base}/runs/{run_id}?tasks_after=279")
+        assert body.count('<tr class="task"') == 20 and "tasks_after=299" not in body
+        status, body = http("GET", f"{base}/runs/{run_id}?tasks_after=many")
+        assert status == 400 and "tasks_after" in body
+
+
+def test_input_the_database_refuses_is_a_clear_400(dashboard: str) -> None:
+    late = "9999-12-31T23:59:59-14:00"
+    for query, says in (
+        ("flow=%00", "flow"),
+        ("status=%00", "status"),
+        (f"since={late}", "since"),
+        (f"until={urllib.parse.quote(late)}", "until"),
+        (f"after={urllib.parse.quote(late)}|{uuid.uuid4()}", "after"),
+    ):
+        status, body = http("GET", f"{dashboard}/runs?{query}")
+        assert status == 400, (query, body)
+        assert says in body and "database" not in body, (query, body)
+
+
+def test_links_trust_no_host_header(dash_db: dict[str, Any]) -> None:
+    run_id = _idle_run(dash_db["url"])
+    with serve_asgi(dashboard_app(dash_db["url"])) as base:
+        for path in ("/", "/runs", f"/runs/{run_id}", "/workers"):
+            status, body = http("GET", base + path, {"Host": "evil.example"})
+            assert status == 200 and "evil.example" not in body, path
+        body = http("GET", f"{base}/runs/{run_id}")[1]
+        assert f'new EventSource("/runs/{run_id}/events")' in body
+        assert '<a href="/runs"' in body and 'href="http' not in body
+
+
+def test_the_cli_warns_when_listening_beyond_loopback(dash_db: dict[str, Any]) -> None:
+    command = [str(Path(sys.executable).parent / "pgflow-sa"), "dashboard", "--host", "0.0.0.0"]
+    proc = subprocess.Popen(
+        [*command, "--port", str(_free_port()), "--database-url", dash_db["url"]],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
+    assert "no authentication" in first and "auth" in first, first

@@ -16,6 +16,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from .views import path_for
+
 
 @dataclass(frozen=True)
 class Action:
@@ -43,6 +45,6 @@ def routes(engine: Callable[[], AsyncEngine]) -> list[BaseRoute]:
         except ValueError:
             return PlainTextResponse("a run id is a UUID", status_code=404)
         await action.perform(engine(), run_id)
-        return RedirectResponse(request.url_for("run", run_id=str(run_id)), status_code=303)
+        return RedirectResponse(path_for(request.scope, "run", run_id=str(run_id)), 303)
 
     return [Route("/runs/{run_id}/actions/{name}", act, methods=["POST"], name="run_action")]

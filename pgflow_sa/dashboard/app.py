@@ -14,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from sqlalchemy import Engine, func, select
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -26,6 +27,7 @@ from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .._db import database_errors
+from ..client import _steps as client_steps
 from ..client import get_run_async, list_runs_async
 from ..config import async_engine_from_url
 from ..exceptions import InvalidInputError, PgflowSaError
@@ -43,6 +45,8 @@ from .queries import (
     queue_lengths,
     recent_workers,
     run_counts,
+    task_counts,
+    task_window,
     worker_counts,
 )
 
@@ -50,6 +54,9 @@ logger = logging.getLogger("pgflow_sa.dashboard")
 
 #: runs per page of the runs list
 PAGE_SIZE = 50
+#: tasks shown per step on a run page (and timeline bars per step); the rest by
+#: ``?tasks_after=<task_index>``
+TASKS_SHOWN = 100
 #: a run page's event stream re-reads the run at least this often (seconds), even
 #: when no notification comes (notifications are hints and can be lost)
 SAFETY_INTERVAL = 2.0
@@ -114,9 +121,18 @@ def _parse_time(value: str | None, name: str) -> datetime | None:
         return None
     try:
         moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidInputError(f"{name} must be a date and time, not {value!r}") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+        moment = moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+        return moment.astimezone(timezone.utc)  # out of range (year 10000 in UTC): refused
+    except (ValueError, OverflowError):
+        raise InvalidInputError(
+            f"{name} must be a date and time between years 1 and 9999, not {value!r}"
+        ) from None
+
+
+def _text(value: str | None, name: str) -> str | None:
+    if value and "\x00" in value:
+        raise InvalidInputError(f"{name} must not contain a NUL character")
+    return value or None
 
 
 def dashboard_app(
@@ -142,6 +158,12 @@ def dashboard_app(
         allow_actions=allow_actions,
         run_actions=actions.RUN_ACTIONS if allow_actions else (),
     )
+
+    @jinja2.pass_context
+    def url_for(context: dict[str, Any], name: str, /, **params: Any) -> str:
+        return views.path_for(context["request"].scope, name, **params)
+
+    templates.env.globals["url_for"] = url_for
 
     def page(request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
         return templates.TemplateResponse(request, name, context, status_code=status_code)
@@ -171,9 +193,9 @@ def dashboard_app(
 
     async def runs_page(request: Request) -> Response:
         params = request.query_params
-        flow = params.get("flow") or None
-        status = params.get("status") or None
         try:
+            flow = _text(params.get("flow"), "flow")
+            status = _text(params.get("status"), "status")
             since = _parse_time(params.get("since"), "since")
             until = _parse_time(params.get("until"), "until")
             async with db.connect() as conn:
@@ -208,33 +230,65 @@ def dashboard_app(
             run_id = uuid.UUID(request.path_params["run_id"])
         except ValueError:
             return problem(request, "a run id is a UUID", 404)
+        try:
+            after = int(request.query_params.get("tasks_after") or -1)
+        except ValueError:
+            after = -2
+        if after < -1:
+            return problem(request, "tasks_after must be a task index (0 or more)", 400)
+        size = TASKS_SHOWN
         async with db.connect() as conn:
-            run = await get_run_async(conn, run_id)
+            run = await get_run_async(conn, run_id, steps=False)
             if run is None:
                 return problem(request, f"no run {run_id}", 404)
+            states = (await conn.execute(client_queries.run_step_states(run_id))).all()
+            window = (await conn.execute(task_window(run_id, after, size))).all()
+            counted = (await conn.execute(task_counts(run_id))).all()
             structure = flow_infos((await conn.execute(flow_structure(run.flow_slug))).all())
+        counts: dict[str, dict[str, int]] = {}
+        for row in counted:
+            counts.setdefault(row.step_slug, {})[row.status] = row.n
+        totals = {slug: sum(by_status.values()) for slug, by_status in counts.items()}
+        read = {state.step_slug: state for state in client_steps(states, window)}
         nodes = structure[0].nodes if structure else []
         by_slug = {node.slug: node for node in nodes}
-        statuses = {s.step_slug: s.status.value for s in run.steps or ()}
+        # shown: the window only (task 0 was read for its output)
+        shown = tuple(
+            state.model_copy(
+                update={"tasks": tuple(t for t in state.tasks if after < t.task_index)}
+            )
+            for state in read.values()
+        )
         steps = [
             {
                 "state": s,
+                "counts": counts.get(s.step_slug, {}),
+                "total": totals.get(s.step_slug, 0),
                 "tasks": [
-                    {"task": t, "input": views.task_input(run, s, by_slug.get(s.step_slug), t)}
+                    {
+                        "task": t,
+                        "input": views.task_input(
+                            run, s, by_slug.get(s.step_slug), t, read, totals
+                        ),
+                    }
                     for t in s.tasks
                 ],
             }
-            for s in run.steps or ()
+            for s in shown
         ]
+        more = max(totals.values(), default=0) > after + 1 + size
         return page(
             request,
             "run.html",
             here="runs",
             run=run,
-            dag=render_dag(nodes, statuses),
+            dag=render_dag(nodes, {s.step_slug: s.status.value for s in shown}),
             steps=steps,
-            timeline=views.timeline(run),
+            timeline=views.timeline(run.model_copy(update={"steps": shown})),
             end=views.run_end(run),
+            tasks_after=after,
+            next_after=after + size if more else None,
+            tasks_shown=size,
         )
 
     async def run_events(request: Request) -> Response:

@@ -14,12 +14,13 @@ from sqlalchemy.sql import Select
 from ..schema import tables
 from .dag import StepNode
 
-flows, steps, deps, runs, workers = (
+flows, steps, deps, runs, workers, step_tasks = (
     tables.flows,
     tables.steps,
     tables.deps,
     tables.runs,
     tables.workers,
+    tables.step_tasks,
 )
 
 #: workers listed at most (the most recent heartbeats first)
@@ -184,3 +185,30 @@ def flow_counts(run_rows: Any, queue_rows: Any, worker_rows: Any) -> dict[str, F
         own = values.setdefault(row.queue_name, {})
         own["live_workers"], own["last_heartbeat_at"] = row.live, row.last_heartbeat_at
     return {slug: FlowCounts(**own) for slug, own in values.items()}
+
+
+def task_window(run_id: Any, after: int, size: int) -> Select[Any]:
+    """The run's tasks with ``after < task_index <= after + size`` in every step, and
+    each step's task 0 (a single step's output, which its dependents received).
+    pgflow numbers a step's tasks 0..n-1, so this range is keyset pagination on
+    task_index; the primary key (run_id, step_slug, task_index) finds the rows
+    without reading the other tasks' inputs or outputs."""
+    index = step_tasks.c.task_index
+    return (
+        select(step_tasks)
+        .where(
+            step_tasks.c.run_id == run_id,
+            or_(index == 0, and_(index > after, index <= after + size)),
+        )
+        .order_by(step_tasks.c.step_slug, index)
+    )
+
+
+def task_counts(run_id: Any) -> Select[Any]:
+    """(step_slug, status, n): the run's tasks counted per step and status."""
+    return (
+        select(step_tasks.c.step_slug, step_tasks.c.status, func.count().label("n"))
+        .where(step_tasks.c.run_id == run_id)
+        .group_by(step_tasks.c.step_slug, step_tasks.c.status)
+        .order_by(step_tasks.c.step_slug, step_tasks.c.status)
+    )

@@ -4,12 +4,21 @@ run's timeline, each task's input as its handler saw it, pretty JSON. Pure."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from ..models import Run, StepState, StepTask
 from .dag import StepNode
+
+
+def path_for(scope: Mapping[str, Any], name: str, **params: Any) -> str:
+    """A route's root-relative path: the mount's ASGI ``root_path`` and the route's
+    path. Never built from the Host header (a forged one was reflected in the links,
+    and behind a TLS-terminating proxy they came out http://)."""
+    return str(scope.get("root_path", "")) + str(scope["app"].router.url_path_for(name, **params))
+
 
 #: characters of pretty JSON shown before "show all"
 PREVIEW_CHARS = 600
@@ -56,20 +65,42 @@ def task_end(task: StepTask) -> datetime | None:
     return task.completed_at or task.failed_at
 
 
-def task_input(run: Run, step: StepState, node: StepNode | None, task: StepTask) -> Any:
+def task_input(
+    run: Run,
+    step: StepState,
+    node: StepNode | None,
+    task: StepTask,
+    read: dict[str, StepState],
+    totals: dict[str, int],
+) -> Any:
     """The task's input as its handler received it: a root step the flow input, a
     dependent step ``{dep: output}``, a map task its element. pgflow 0.8.1 keeps no
-    task input, so it is rebuilt from the run input and the dependencies' outputs."""
+    task input, so it is rebuilt from the run input and the dependencies' tasks in
+    ``read`` (the page's window of tasks, and every step's task 0); a map step's
+    whole output only when all its ``totals[slug]`` tasks were read."""
     deps = node.deps if node is not None else ()
-    outputs = {s.step_slug: s.output for s in run.steps or ()}
     if step.step_type == "map":
-        source = run.input if not deps else outputs.get(deps[0])
+        dep = read.get(deps[0]) if deps else None
+        if deps and dep is not None and dep.step_type == "map":
+            return next((t.output for t in dep.tasks if t.task_index == task.task_index), None)
+        source = run.input if not deps else _output(dep, totals)
         if isinstance(source, list) and 0 <= task.task_index < len(source):
             return source[task.task_index]
         return None
     if not deps:
         return run.input
-    return {dep: outputs.get(dep) for dep in deps}
+    return {slug: _output(read.get(slug), totals) for slug in deps}
+
+
+def _output(state: StepState | None, totals: dict[str, int]) -> Any:
+    if state is None or state.status.value != "completed":
+        return None
+    if state.step_type != "map":
+        return next((t.output for t in state.tasks if t.task_index == 0), None)
+    total = totals.get(state.step_slug, 0)
+    if len(state.tasks) < total:
+        return f"({total} outputs of step {state.step_slug}: see its tasks)"
+    return [t.output for t in state.tasks]
 
 
 @dataclass(frozen=True)
