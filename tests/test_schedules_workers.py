@@ -74,9 +74,12 @@ def test_three_workers_racing_start_exactly_one_run_per_tick(db_url: str, tmp_pa
     assert runs == (len(ticks),)  # no run that no tick accounts for
     assert len({run_id for _, run_id, _ in fired}) == len(ticks)
 
-    # each tick was fired by one process: the logs name each run once in all
+    # each tick was fired by one process: the logs name each run once in all (a worker
+    # stopped between a tick's commit and its log line names it nowhere: one at most)
     logged = [m for log in logs for m in re.findall(r"tick .* started run (\S+)", log)]
-    assert sorted(logged) == sorted(str(run_id) for _, run_id, _ in fired)
+    assert len(logged) == len(set(logged)), logs
+    assert set(logged) <= {str(run_id) for _, run_id, _ in fired}
+    assert len(logged) >= len(fired) - len(workers), logs
 
 
 def test_schedules_commands(db_url: str) -> None:
