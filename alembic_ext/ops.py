@@ -163,9 +163,9 @@ class UpgradePgflowOp(MigrateOperation):
 
     def scripts(self) -> list[str]:
         # the listed migrations start with PUBLISHER_UPDATE when our realtime.send is
-        # outdated, and end with SCHEDULES_UPDATE when the schedules tables are missing
+        # outdated, and end with TABLES_UPDATE when pgflow-sa tables are missing
         # (the install script creates those where they are missing in any case)
-        ours = (installer.PUBLISHER_UPDATE, installer.SCHEDULES_UPDATE)
+        ours = (installer.PUBLISHER_UPDATE, installer.TABLES_UPDATE)
         return installer.install_script(
             self.version,
             pgmq=None,

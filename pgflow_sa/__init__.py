@@ -23,7 +23,8 @@ from .config import (
     to_sqlalchemy_url,
 )
 from .context import Context
-from .dsl import Flow, StepDefinition
+from .control import cancel_run, cancel_run_async, retry_run, retry_run_async
+from .dsl import Flow, FlowLimits, StepDefinition
 from .embedded import EmbeddedServer
 from .exceptions import (
     ConfigurationError,
@@ -35,6 +36,7 @@ from .exceptions import (
     InvalidInputError,
     PgflowSaError,
     RunNotFoundError,
+    RunStateError,
     RunTimeoutError,
     ScheduleNotFoundError,
     SchemaFilesMissingError,
@@ -95,6 +97,7 @@ __all__ = [
     "Flow",
     "FlowConflictError",
     "FlowDefinitionError",
+    "FlowLimits",
     "FlowNotFoundError",
     "FlowRegistry",
     "FlowShape",
@@ -106,6 +109,7 @@ __all__ = [
     "RunEvent",
     "RunNotFoundError",
     "RunPage",
+    "RunStateError",
     "RunStatus",
     "RunTimeoutError",
     "RunWatcher",
@@ -124,6 +128,8 @@ __all__ = [
     "TaskStatus",
     "__version__",
     "async_engine_from_url",
+    "cancel_run",
+    "cancel_run_async",
     "check_schema",
     "compile_flow",
     "deploy_flows",
@@ -143,6 +149,8 @@ __all__ = [
     "pause_schedule",
     "resolve_database_url",
     "resume_schedule",
+    "retry_run",
+    "retry_run_async",
     "start_flow",
     "start_flow_and_wait",
     "start_flow_and_wait_async",

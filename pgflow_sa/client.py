@@ -66,19 +66,27 @@ def _translated_async(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[
 
 
 def _run(row: Any, created: bool = True, steps: tuple[StepState, ...] | None = None) -> Run:
+    cancelled_at = getattr(row, "cancelled_at", None)
+    error = getattr(row, "error", None)
+    if cancelled_at is not None and error is None:
+        reason = getattr(row, "cancel_reason", None)
+        error = f"Cancelled: {reason}" if reason else "Cancelled"
     return Run(
         run_id=row.run_id,
         flow_slug=row.flow_slug,
-        status=RunStatus(row.status),
+        status=RunStatus.CANCELLED if cancelled_at is not None else RunStatus(row.status),
         input=row.input,
         output=row.output,
         remaining_steps=row.remaining_steps,
         started_at=row.started_at,
         completed_at=row.completed_at,
         failed_at=row.failed_at,
-        error=getattr(row, "error", None),
+        error=error,
         steps=steps,
         created=created,
+        cancelled_at=cancelled_at,
+        cancel_reason=getattr(row, "cancel_reason", None),
+        retry_of=getattr(row, "retry_of", None),
     )
 
 
@@ -317,6 +325,7 @@ def _page_query(
     started_before: datetime | None,
     after: str | None,
     limit: int,
+    retry_of: uuid.UUID | str | None = None,
 ) -> Any:
     if not 1 <= limit <= MAX_PAGE_SIZE:
         raise InvalidInputError(f"limit must be between 1 and {MAX_PAGE_SIZE}, not {limit}")
@@ -345,6 +354,7 @@ def _page_query(
         started_before=started_before,
         after=cursor,
         limit=limit + 1,
+        retry_of=None if retry_of is None else parse_run_id(retry_of),
     )
 
 
@@ -367,10 +377,11 @@ def list_runs(
     started_before: datetime | None = None,
     after: str | None = None,
     limit: int = 50,
+    retry_of: uuid.UUID | str | None = None,
 ) -> RunPage:
-    """Runs, newest first, filtered by flow, status and start time; ``after`` is the
-    ``next_cursor`` of the previous page."""
-    query = _page_query(flow, status, started_after, started_before, after, limit)
+    """Runs, newest first, filtered by flow, status, start time and the run they
+    retry (``retry_of``); ``after`` is the ``next_cursor`` of the previous page."""
+    query = _page_query(flow, status, started_after, started_before, after, limit, retry_of)
     return _page(conn.execute(query).all(), limit)
 
 
@@ -384,9 +395,10 @@ async def list_runs_async(
     started_before: datetime | None = None,
     after: str | None = None,
     limit: int = 50,
+    retry_of: uuid.UUID | str | None = None,
 ) -> RunPage:
     """:func:`list_runs` for an AsyncConnection or AsyncSession."""
-    query = _page_query(flow, status, started_after, started_before, after, limit)
+    query = _page_query(flow, status, started_after, started_before, after, limit, retry_of)
     return _page((await conn.execute(query)).all(), limit)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,8 +34,17 @@ class Context:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("pgflow_sa.handler"))
     session_factory: Callable[[], Session] | None = field(default=None, repr=False)
     async_session_factory: Callable[[], AsyncSession] | None = field(default=None, repr=False)
+    cancel_event: threading.Event | None = field(default=None, repr=False)
     _session: Session | None = field(default=None, init=False, repr=False)
     _async_session: AsyncSession | None = field(default=None, init=False, repr=False)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the run has ended while this task runs (cancelled with
+        ``cancel_run``, or failed by another task): nothing this handler returns or
+        writes through ``ctx.session`` counts any more, so a long sync handler should
+        check it and return early. (An async handler is cancelled instead.)"""
+        return self.cancel_event is not None and self.cancel_event.is_set()
 
     @property
     def session(self) -> Session:

@@ -26,7 +26,7 @@ import json
 import re
 import typing
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
 from .exceptions import FlowDefinitionError, InvalidInputError
@@ -66,6 +66,28 @@ def slug_problem(slug: object) -> str | None:
     return None
 
 
+def _limit(where: str, name: str, value: int | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FlowDefinitionError(
+            f"{where}: {name} must be a whole number of at least 1 (or None for no limit), "
+            f"not {value!r}"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class FlowLimits:
+    """A flow's concurrency limits: tasks of the flow started at once, runs in
+    progress (runs over it wait before their first task), and tasks of each step
+    started at once (``{step_slug: n}``). None: no limit."""
+
+    max_concurrency: int | None = None
+    max_running_runs: int | None = None
+    step_limits: dict[str, int] = field(default_factory=dict)
+
+
 def is_safe_slug(slug: str) -> bool:
     """True for slugs that may be written into SQL text (validated pgflow slugs)."""
     return slug_problem(slug) is None
@@ -101,6 +123,9 @@ class StepDefinition:
     start_delay: int | None = None
     input_type: Any = None  # the handler's first-parameter annotation, if any
     takes_context: bool = True
+    #: at most this many tasks of the step started at once, across all workers (not a
+    #: pgflow option: held by pgflow-sa's workers, see Flow.limits)
+    max_concurrency: int | None = None
 
     @property
     def is_map(self) -> bool:
@@ -174,6 +199,8 @@ class Flow:
         base_delay: int | None = None,
         timeout: int | None = None,
         input_type: Any = None,
+        max_concurrency: int | None = None,
+        max_running_runs: int | None = None,
     ) -> None:
         problem = slug_problem(slug)
         if problem is not None:
@@ -188,6 +215,8 @@ class Flow:
         self.base_delay = base_delay
         self.timeout = timeout
         _check_options(f"Flow {slug!r}", self.options())
+        self.max_concurrency = _limit(f"Flow {slug!r}", "max_concurrency", max_concurrency)
+        self.max_running_runs = _limit(f"Flow {slug!r}", "max_running_runs", max_running_runs)
         self._input_type = input_type
         self._steps: dict[str, StepDefinition] = {}
         self._slug_by_handler: dict[int, str] = {}
@@ -248,6 +277,7 @@ class Flow:
         base_delay: int | None = None,
         timeout: int | None = None,
         start_delay: int | None = None,
+        max_concurrency: int | None = None,
     ) -> Callable[[H], H]: ...
 
     def step(self, handler: H | None = None, /, **options: Any) -> H | Callable[[H], H]:
@@ -269,6 +299,7 @@ class Flow:
         base_delay: int | None = None,
         timeout: int | None = None,
         start_delay: int | None = None,
+        max_concurrency: int | None = None,
     ) -> Callable[[H], H]: ...
 
     def map(self, handler: H | None = None, /, **options: Any) -> H | Callable[[H], H]:
@@ -280,11 +311,11 @@ class Flow:
     def _decorator(
         self, step_type: str, handler: H | None, options: dict[str, Any]
     ) -> H | Callable[[H], H]:
-        unknown = set(options) - {"slug", "depends_on", *OPTION_MINIMUMS}
+        unknown = set(options) - {"slug", "depends_on", "max_concurrency", *OPTION_MINIMUMS}
         if unknown:
             raise FlowDefinitionError(
                 f"Flow {self.slug!r}: unknown step option(s) {sorted(unknown)}; "
-                f"use slug, depends_on, {', '.join(OPTION_MINIMUMS)}"
+                f"use slug, depends_on, {', '.join(OPTION_MINIMUMS)}, max_concurrency"
             )
 
         def register(func: H) -> H:
@@ -294,6 +325,7 @@ class Flow:
                 options.get("slug"),
                 options.get("depends_on", ()),
                 {name: options.get(name) for name in OPTION_MINIMUMS},
+                options.get("max_concurrency"),
             )
             return func
 
@@ -326,6 +358,7 @@ class Flow:
         slug: str | None,
         depends_on: Sequence[DependencyRef] | DependencyRef,
         options: dict[str, int | None],
+        max_concurrency: int | None = None,
     ) -> None:
         step_slug = slug if slug is not None else getattr(handler, "__name__", None)
         where = f"Flow {self.slug!r}, step {step_slug!r}"
@@ -358,6 +391,7 @@ class Flow:
                 f"maps over), got {deps}; add a step that combines them first"
             )
         _check_options(where, options)
+        limit = _limit(where, "max_concurrency", max_concurrency)
         annotation, takes_context = _handler_signature(where, handler)
         definition = StepDefinition(
             slug=step_slug,
@@ -366,6 +400,7 @@ class Flow:
             step_type=step_type,
             input_type=annotation,
             takes_context=takes_context,
+            max_concurrency=limit,
             **options,
         )
         self._steps[step_slug] = definition
@@ -380,6 +415,15 @@ class Flow:
             "base_delay": self.base_delay,
             "timeout": self.timeout,
         }
+
+    def limits(self) -> FlowLimits | None:
+        """The concurrency limits the workers hold for this flow across all processes
+        (None: none). They are not part of pgflow's flow definition: each worker
+        writes them to ``pgflow_sa.flow_limits`` when it starts."""
+        steps = {s.slug: s.max_concurrency for s in self.steps if s.max_concurrency is not None}
+        if self.max_concurrency is None and self.max_running_runs is None and not steps:
+            return None
+        return FlowLimits(self.max_concurrency, self.max_running_runs, steps)
 
     @property
     def steps(self) -> tuple[StepDefinition, ...]:

@@ -50,6 +50,11 @@ class RunNotFoundError(PgflowSaError, LookupError):
     """There is no such run."""
 
 
+class RunStateError(PgflowSaError):
+    """The run is not in a state that allows this (cancel a run in progress; retry one
+    that failed or was cancelled)."""
+
+
 class RunTimeoutError(PgflowSaError, TimeoutError):
     """The run did not finish in time; ``run`` is its last known state."""
 

@@ -11,9 +11,13 @@ from pydantic import BaseModel, ConfigDict
 
 
 class RunStatus(str, enum.Enum):
+    """A run's status. pgflow's table says ``failed`` for a cancelled run too;
+    pgflow-sa records the cancellation and reports ``cancelled``."""
+
     STARTED = "started"
     COMPLETED = "completed"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
     @property
     def finished(self) -> bool:
@@ -83,8 +87,8 @@ class StepState(_Frozen):
 
 
 class Run(_Frozen):
-    """A flow run. ``error`` is the failed step's error message; ``steps`` is None
-    unless the steps were loaded. ``created`` is False when a start with an existing
+    """A flow run. ``error`` is the failed step's error message (for a cancelled run
+    "Cancelled: <reason>"); ``steps`` is None unless the steps were loaded. ``created`` is False when a start with an existing
     ``run_id`` found the run already there (idempotent start)."""
 
     run_id: uuid.UUID
@@ -99,6 +103,15 @@ class Run(_Frozen):
     error: str | None = None
     steps: tuple[StepState, ...] | None = None
     created: bool = True
+    #: when it was cancelled (``cancel_run``) and why
+    cancelled_at: datetime | None = None
+    cancel_reason: str | None = None
+    #: the run this one retries (``retry_run``)
+    retry_of: uuid.UUID | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.status is RunStatus.CANCELLED
 
     @property
     def finished(self) -> bool:

@@ -24,7 +24,7 @@ from pgflow_sa import (
     trigger_schedule,
 )
 from pgflow_sa.schema import check_schema, install_schema
-from pgflow_sa.schema.installer import SCHEDULES_UPDATE, SchemaState
+from pgflow_sa.schema.installer import TABLES_UPDATE, SchemaState
 from pgflow_sa.schema.schedules import SchedulesMissingError
 
 UTC = timezone.utc
@@ -267,12 +267,12 @@ def test_an_install_without_schedules_is_upgraded(db_url: str) -> None:
         conn.execute("DROP TABLE pgflow_sa.schedules, pgflow_sa.schedule_runs")
     status = check_schema(db_url)
     assert status.state is SchemaState.OUTDATED
-    assert status.pending == (SCHEDULES_UPDATE,)
-    assert "schedules: missing" in status.describe()
+    assert status.pending == (TABLES_UPDATE,)
+    assert "pgflow-sa tables: missing" in status.describe()
     with pytest.raises(SchedulesMissingError, match="run `pgflow-sa install`"):
         deploy_flows(db_url, make_flow(cron="0 * * * *"))
     report = install_schema(db_url)
-    assert any("schedules tables" in action for action in report.actions)
+    assert any("schedule_runs, run_cancellations" in action for action in report.actions)
     assert check_schema(db_url).state is SchemaState.INSTALLED
     assert deploy_flows(db_url, make_flow(cron="0 * * * *")).schedules_added == ["reports"]
 

@@ -29,7 +29,13 @@ FAST_ENV = {
 
 
 class WorkerProcess:
-    def __init__(self, url: str, log: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        log: Path,
+        extra_env: dict[str, str] | None = None,
+        app: str = "worker_app:flows",
+    ) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PGFLOW_SA_")}
         env.update(FAST_ENV)
         env.update(extra_env or {})
@@ -37,7 +43,7 @@ class WorkerProcess:
         self.log = log
         self._file = log.open("w")
         self.proc = subprocess.Popen(
-            [CLI, "worker", "worker_app:flows", "--database-url", url, "--log-level", "DEBUG"],
+            [CLI, "worker", app, "--database-url", url, "--log-level", "DEBUG"],
             env=env,
             cwd=APPS,
             stdout=self._file,

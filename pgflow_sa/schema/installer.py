@@ -36,9 +36,18 @@ _PUBLISHER_VERSION_RE = re.compile(r"pgflow-sa: v(\d+)\b")
 #: The entry ``SchemaStatus.pending`` lists (first) while our realtime.send is outdated;
 #: ``install(upto=PUBLISHER_UPDATE)`` replaces it and applies no migration.
 PUBLISHER_UPDATE = "realtime.send"
-#: The entry ``SchemaStatus.pending`` lists (last) while pgflow-sa's schedules tables
-#: are missing (a database installed before schedules existed).
-SCHEDULES_UPDATE = "pgflow_sa.schedules"
+#: The entry ``SchemaStatus.pending`` lists (last) while any of pgflow-sa's own tables
+#: (schedules, run control) is missing (a database installed before they existed).
+TABLES_UPDATE = "pgflow_sa tables"
+#: pgflow-sa's own tables, each created by one of its SQL scripts (``tables_sql``)
+OUR_TABLES = (
+    "pgflow_sa.schedules",
+    "pgflow_sa.schedule_runs",
+    "pgflow_sa.run_cancellations",
+    "pgflow_sa.run_retries",
+    "pgflow_sa.flow_limits",
+    "pgflow_sa.admitted_runs",
+)
 _PGFLOW_CREATE_PGMQ = 'CREATE EXTENSION IF NOT EXISTS "pgmq" WITH SCHEMA "pgmq";'
 
 _PGMQ_OPTIONS = (
@@ -71,7 +80,7 @@ class SchemaStatus:
     pending: tuple[str, ...]  # migration names, after PUBLISHER_UPDATE when that is due
     pgmq: str  # "extension 1.13.0", "sql-only", "available as extension 1.13.0", "missing"
     realtime_send: str  # "pgflow-sa", "pgflow-sa (outdated)", "external" or "missing"
-    schedules: str = "installed"  # pgflow-sa's schedules tables: "installed" or "missing"
+    tables: str = "installed"  # pgflow-sa's own tables: "installed" or "missing"
 
     def describe(self) -> list[str]:
         lines = [f"pgflow: {self.state.value}"]
@@ -81,13 +90,13 @@ class SchemaStatus:
             lines[0] += " (installed by another tool, older than the pinned version)"
         if self.state is not SchemaState.INSTALLED:
             lines.append(f"target: pgflow {self.target_version}")
-        pending = [n for n in self.pending if n not in (PUBLISHER_UPDATE, SCHEDULES_UPDATE)]
+        pending = [n for n in self.pending if n not in (PUBLISHER_UPDATE, TABLES_UPDATE)]
         if pending:
             span = pending[0] if len(pending) == 1 else f"{pending[0]} .. {pending[-1]}"
             lines.append(f"pending migrations: {len(pending)} ({span})")
         lines.append(f"pgmq: {self.pgmq}")
         lines.append(f"realtime.send: {self.realtime_send}")
-        lines.append(f"schedules: {self.schedules}")
+        lines.append(f"pgflow-sa tables: {self.tables}")
         return lines
 
 
@@ -114,7 +123,7 @@ class _Probe:
     realtime_send_comment: str | None
     has_realtime_send: bool
     has_pgflow: bool
-    has_schedules: bool
+    has_tables: bool
     has_record: bool
     external_fingerprint: bool
     supabase_versions: frozenset[str] | None
@@ -136,8 +145,8 @@ SELECT
   to_regprocedure(:realtime_send) IS NOT NULL AS has_realtime_send,
   obj_description(to_regprocedure(:realtime_send), 'pg_proc') AS realtime_send_comment,
   to_regclass('pgflow.flows') IS NOT NULL AS has_pgflow,
-  to_regclass('pgflow_sa.schedules') IS NOT NULL
-    AND to_regclass('pgflow_sa.schedule_runs') IS NOT NULL AS has_schedules,
+  (SELECT bool_and(to_regclass(t) IS NOT NULL) FROM unnest(CAST(:our_tables AS text[])) AS t)
+    AS has_tables,
   to_regclass(:record_table) IS NOT NULL AS has_record,
   coalesce(
     pg_get_function_result(to_regprocedure('pgflow.set_vt_batch(text,bigint[],integer[])'))
@@ -151,7 +160,11 @@ SELECT
 def _probe(conn: Connection) -> _Probe:
     row = conn.execute(
         text(_PROBE_SQL),
-        {"realtime_send": REALTIME_SEND, "record_table": f"{PGFLOW_SA_SCHEMA}.schema_migrations"},
+        {
+            "realtime_send": REALTIME_SEND,
+            "record_table": f"{PGFLOW_SA_SCHEMA}.schema_migrations",
+            "our_tables": list(OUR_TABLES),
+        },
     ).one()
     supabase_versions = None
     if row.has_supabase:
@@ -169,7 +182,7 @@ def _probe(conn: Connection) -> _Probe:
         realtime_send_comment=row.realtime_send_comment,
         has_realtime_send=row.has_realtime_send,
         has_pgflow=row.has_pgflow,
-        has_schedules=row.has_schedules,
+        has_tables=row.has_tables,
         has_record=row.has_record,
         external_fingerprint=row.external_fingerprint,
         supabase_versions=supabase_versions,
@@ -228,10 +241,10 @@ def _status(conn: Connection, version: str) -> tuple[SchemaStatus, _Probe, set[s
             pending = (PUBLISHER_UPDATE, *pending)
             if state is SchemaState.INSTALLED:
                 state = SchemaState.OUTDATED
-        schedules = "installed" if probe.has_schedules else "missing"
+        tables = "installed" if probe.has_tables else "missing"
         # a schema another tool installed is left exactly as it is: no tables of ours
-        if managed == "pgflow-sa" and not probe.has_schedules:
-            pending = (*pending, SCHEDULES_UPDATE)
+        if managed == "pgflow-sa" and not probe.has_tables:
+            pending = (*pending, TABLES_UPDATE)
             if state is SchemaState.INSTALLED:
                 state = SchemaState.OUTDATED
         return SchemaStatus(
@@ -242,7 +255,7 @@ def _status(conn: Connection, version: str) -> tuple[SchemaStatus, _Probe, set[s
             pending,
             _pgmq_description(probe),
             realtime,
-            schedules,
+            tables,
         )
 
     if not probe.has_pgflow:
@@ -347,16 +360,24 @@ def _install_realtime_send(conn: Connection, publisher: str, actions: list[str])
         )
 
 
-def schedules_sql() -> str:
-    """pgflow-sa's schedules tables (idempotent: CREATE ... IF NOT EXISTS)."""
-    return resources.files(__package__).joinpath("sql/schedules.sql").read_text("utf-8")
+def tables_sql() -> str:
+    """pgflow-sa's own tables: schedules and run control (idempotent: CREATE ... IF NOT
+    EXISTS)."""
+    files = resources.files(__package__)
+    return "\n".join(
+        files.joinpath(f"sql/{name}.sql").read_text("utf-8")
+        for name in ("schedules", "run_control")
+    )
 
 
-def _install_schedules(conn: Connection, probe: _Probe, actions: list[str]) -> None:
-    if probe.has_schedules:
+def _install_tables(conn: Connection, probe: _Probe, actions: list[str]) -> None:
+    if probe.has_tables:
         return
-    _run_script(conn, schedules_sql())
-    actions.append("pgflow-sa: created the schedules tables (pgflow_sa.schedules, schedule_runs)")
+    _run_script(conn, tables_sql())
+    actions.append(
+        "pgflow-sa: created its tables (schedules, schedule_runs, run_cancellations, "
+        "run_retries, flow_limits, admitted_runs in schema pgflow_sa)"
+    )
 
 
 def realtime_send_sql() -> str:
@@ -431,7 +452,7 @@ def install(
         " pgflow_version text NOT NULL,"
         " applied_at timestamptz NOT NULL DEFAULT now())"
     )
-    _install_schedules(conn, probe, actions)
+    _install_tables(conn, probe, actions)
     if not probe.has_pgflow and probe.has_record:
         # the pgflow schema was dropped by hand: forget what was recorded
         conn.exec_driver_sql(f"DELETE FROM {PGFLOW_SA_SCHEMA}.schema_migrations")
@@ -608,7 +629,7 @@ def install_script(
         f"DELETE FROM {PGFLOW_SA_SCHEMA}.schema_migrations "
         "WHERE to_regclass('pgflow.flows') IS NULL;"
     )
-    scripts.append(schedules_sql().strip())
+    scripts.append(tables_sql().strip())
     if chosen and only is not None:
         listed = ", ".join(sql_literal(name) for name in chosen)
         scripts.append(_NOT_APPLIED_SCRIPT.replace("{listed}", listed))

@@ -53,9 +53,29 @@ def start_flows(flow_slug: str, inputs: list[Any]) -> TextualSelect:
     )
 
 
+_cancellations, _retries = tables.run_cancellations, tables.run_retries
+
+
+def _runs_with_control() -> Select[Any]:
+    """Runs' columns plus ``error`` (the failed step's message), and from pgflow-sa's
+    run control ``cancelled_at`` and ``cancel_reason`` (cancelled runs) and
+    ``retry_of`` (runs started by retry_run): primary-key lookups."""
+    return select(
+        runs,
+        _run_error,
+        _cancellations.c.cancelled_at,
+        _cancellations.c.reason.label("cancel_reason"),
+        _retries.c.retry_of,
+    ).select_from(
+        runs.outerjoin(_cancellations, _cancellations.c.run_id == runs.c.run_id).outerjoin(
+            _retries, _retries.c.run_id == runs.c.run_id
+        )
+    )
+
+
 def run_by_id(run_id: uuid.UUID) -> Select[Any]:
-    """The run's columns plus ``error`` (its failed step's message)."""
-    return select(runs, _run_error).where(runs.c.run_id == run_id)
+    """The run's columns plus error, cancellation and retry (see _runs_with_control)."""
+    return _runs_with_control().where(runs.c.run_id == run_id)
 
 
 def runs_page(
@@ -66,13 +86,21 @@ def runs_page(
     started_before: datetime | None,
     after: tuple[datetime, uuid.UUID] | None,
     limit: int,
+    retry_of: uuid.UUID | None = None,
 ) -> Select[Any]:
-    """Runs, newest first, keyset-paginated on (started_at, run_id)."""
-    query = select(runs, _run_error)
+    """Runs, newest first, keyset-paginated on (started_at, run_id). ``status``
+    'cancelled' is a failed run that was cancelled; 'failed' one that was not."""
+    query = _runs_with_control()
     if flow_slug is not None:
         query = query.where(runs.c.flow_slug == flow_slug)
-    if status is not None:
+    if status == "cancelled":
+        query = query.where(runs.c.status == "failed", _cancellations.c.run_id.is_not(None))
+    elif status == "failed":
+        query = query.where(runs.c.status == "failed", _cancellations.c.run_id.is_(None))
+    elif status is not None:
         query = query.where(runs.c.status == status)
+    if retry_of is not None:
+        query = query.where(_retries.c.retry_of == retry_of)
     if started_after is not None:
         query = query.where(runs.c.started_at >= started_after)
     if started_before is not None:

@@ -324,13 +324,72 @@ schedule_runs = Table(
     comment="pgflow-sa: v1 runs started by schedules",
 )
 
+#: pgflow-sa's run control (sql/run_control.sql)
+run_cancellations = Table(
+    "run_cancellations",
+    metadata,
+    Column("run_id", UUID(as_uuid=True), nullable=False),
+    Column("reason", Text),
+    Column("cancelled_at", _TS, nullable=False, server_default=_NOW),
+    PrimaryKeyConstraint("run_id", name="run_cancellations_pkey"),
+    schema=PGFLOW_SA_SCHEMA,
+    comment="pgflow-sa: v1 cancelled runs",
+)
+
+run_retries = Table(
+    "run_retries",
+    metadata,
+    Column("run_id", UUID(as_uuid=True), nullable=False),
+    Column("retry_of", UUID(as_uuid=True), nullable=False),
+    Column("reuse_outputs", Boolean, nullable=False, server_default=text("false")),
+    Column("created_at", _TS, nullable=False, server_default=_NOW),
+    PrimaryKeyConstraint("run_id", name="run_retries_pkey"),
+    Index("idx_run_retries_retry_of", "retry_of"),
+    schema=PGFLOW_SA_SCHEMA,
+    comment="pgflow-sa: v1 runs started by retry_run",
+)
+
+flow_limits = Table(
+    "flow_limits",
+    metadata,
+    Column("flow_slug", Text, nullable=False),
+    Column("max_concurrency", Integer),
+    Column("max_running_runs", Integer),
+    Column("step_limits", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("updated_at", _TS, nullable=False, server_default=_NOW),
+    PrimaryKeyConstraint("flow_slug", name="flow_limits_pkey"),
+    CheckConstraint("max_concurrency >= 1", name="flow_limits_max_concurrency_check"),
+    CheckConstraint("max_running_runs >= 1", name="flow_limits_max_running_runs_check"),
+    CheckConstraint(
+        "jsonb_typeof(step_limits) = 'object'::text", name="flow_limits_step_limits_check"
+    ),
+    schema=PGFLOW_SA_SCHEMA,
+    comment="pgflow-sa: v1 concurrency limits (written by workers)",
+)
+
+admitted_runs = Table(
+    "admitted_runs",
+    metadata,
+    Column("run_id", UUID(as_uuid=True), nullable=False),
+    Column("flow_slug", Text, nullable=False),
+    Column("admitted_at", _TS, nullable=False, server_default=_NOW),
+    PrimaryKeyConstraint("run_id", name="admitted_runs_pkey"),
+    Index("idx_admitted_runs_flow_slug", "flow_slug"),
+    schema=PGFLOW_SA_SCHEMA,
+    comment="pgflow-sa: v1 runs admitted under a run limit",
+)
+
 __all__ = [
     "RUN_STATUSES",
     "STEP_STATUSES",
     "TASK_STATUSES",
+    "admitted_runs",
     "deps",
+    "flow_limits",
     "flows",
     "metadata",
+    "run_cancellations",
+    "run_retries",
     "runs",
     "schedule_runs",
     "schedules",

@@ -12,11 +12,13 @@ from typing import Any
 from sqlalchemy import (
     TIMESTAMP,
     BigInteger,
+    Boolean,
     Float,
     Integer,
     Text,
     bindparam,
     column,
+    delete,
     func,
     select,
     text,
@@ -305,6 +307,52 @@ def held_tasks(worker_ids: Sequence[uuid.UUID]) -> Any:
     ).where(step_tasks.c.status == "started", step_tasks.c.last_worker_id.in_(worker_ids))
 
 
+def set_flow_limits(flow_slug: str, limits: Any) -> Any:
+    """Store a flow's limits (a ``dsl.FlowLimits``), or remove them (None); returns the
+    limits stored before as (max_concurrency, max_running_runs, step_limits), no row
+    when there were none."""
+    table = tables.flow_limits
+    before = (
+        select(table.c.max_concurrency, table.c.max_running_runs, table.c.step_limits)
+        .where(table.c.flow_slug == flow_slug)
+        .with_for_update()
+        .cte("before")
+    )
+    if limits is None:
+        change: Any = (
+            delete(table)
+            .where(table.c.flow_slug == flow_slug)
+            .returning(table.c.flow_slug)
+            .cte("change")
+        )
+    else:
+        values = {
+            "flow_slug": flow_slug,
+            "max_concurrency": limits.max_concurrency,
+            "max_running_runs": limits.max_running_runs,
+            "step_limits": dict(limits.step_limits),
+        }
+        change = (
+            pg_insert(table)
+            .values(**values)
+            .on_conflict_do_update(
+                index_elements=["flow_slug"],
+                set_={
+                    **{k: v for k, v in values.items() if k != "flow_slug"},
+                    "updated_at": func.now(),
+                },
+            )
+            .returning(table.c.flow_slug)
+            .cte("change")
+        )
+    return select(before, select(func.count()).select_from(change).scalar_subquery().label("n"))
+
+
+def ended_runs(run_ids: Sequence[uuid.UUID]) -> Select[Any]:
+    """Of these runs, those that are no longer in progress (cancelled, failed)."""
+    return select(runs.c.run_id).where(runs.c.run_id.in_(run_ids), runs.c.status != "started")
+
+
 def run_inputs(run_ids: Sequence[uuid.UUID]) -> Select[Any]:
     return select(runs.c.run_id, runs.c.input).where(runs.c.run_id.in_(run_ids))
 
@@ -326,29 +374,131 @@ def pgmq_insert_channel(queue_name: str) -> str:
     return f"pgmq.q_{queue_name}.INSERT"
 
 
-_CLAIM_SQL = """
-WITH msgs AS MATERIALIZED (
-    -- hidden for the flow's longest step timeout (as it is now) plus a margin: the
-    -- read and start_tasks commit together, so a message read here is either claimed
-    -- or has no queued task behind it (which also covers pgflow 0.8.1's start_tasks
-    -- not extending the visibility itself)
-    SELECT msg_id FROM pgmq.read(
-        :queue,
-        (SELECT max(coalesce(s.opt_timeout, f.opt_timeout))::int + :vt_margin
+# hidden for the flow's longest step timeout (as it is now) plus a margin: the read
+# and start_tasks commit together, so a message read here is either claimed or has no
+# queued task behind it (which also covers pgflow 0.8.1's start_tasks not extending
+# the visibility itself)
+_HIDE_FOR = """(SELECT max(coalesce(s.opt_timeout, f.opt_timeout))::int + :vt_margin
          FROM pgflow.steps s JOIN pgflow.flows f ON f.flow_slug = s.flow_slug
-         WHERE s.flow_slug = :queue),
-        :qty)
-), claimed AS MATERIALIZED (
+         WHERE s.flow_slug = :queue)"""
+
+# A flow with a row in pgflow_sa.flow_limits is claimed by _LIMITED_CLAIM_SQL only: this
+# statement reads nothing for it (one primary-key lookup on a small table) and says so.
+_CLAIM_SQL = """
+WITH limits AS MATERIALIZED (
+    SELECT EXISTS (SELECT 1 FROM pgflow_sa.flow_limits l WHERE l.flow_slug = :queue) AS limited
+), msgs AS MATERIALIZED (
+    SELECT msg_id FROM pgmq.read(
+        :queue, {hide_for}, CASE WHEN (SELECT limited FROM limits) THEN 0 ELSE :qty END)
+), held AS (SELECT false AS held_back)
+{tail}"""
+
+# The claim of a flow with limits, run in a transaction after
+# pg_advisory_xact_lock(limits_lock_key(queue)): claims of the flow take turns, and this
+# statement's snapshot, taken after the lock was granted, sees every task the previous
+# claim started. It counts the started tasks of the flow (pgflow's index of started
+# tasks: there are few), picks visible messages in queue order that fit the room left
+# (steps at their limit are skipped where the queue is read; runs over the run limit
+# wait before their first task, in the order they were queued), hides them (pgmq's
+# set_vt) and starts their tasks as the plain claim does.
+_LIMITED_CLAIM_SQL = """
+WITH lim AS MATERIALIZED (
+    SELECT l.max_concurrency, l.max_running_runs, l.step_limits
+    FROM pgflow_sa.flow_limits l WHERE l.flow_slug = :queue
+), limits AS MATERIALIZED (
+    SELECT EXISTS (SELECT 1 FROM lim) AS limited
+), started AS MATERIALIZED (
+    SELECT st.step_slug FROM pgflow.step_tasks st
+    WHERE st.status = 'started' AND st.flow_slug = :queue
+), step_room AS MATERIALIZED (
+    SELECT e.key AS step_slug,
+           greatest(e.value::int - (SELECT count(*) FROM started WHERE started.step_slug = e.key),
+                    0) AS room
+    FROM lim CROSS JOIN LATERAL jsonb_each_text(lim.step_limits) AS e
+), flow_room AS MATERIALIZED (
+    SELECT coalesce((SELECT greatest(lim.max_concurrency - (SELECT count(*) FROM started), 0)
+                     FROM lim WHERE lim.max_concurrency IS NOT NULL), :qty) AS room
+), active AS MATERIALIZED (
+    SELECT a.run_id FROM pgflow_sa.admitted_runs a
+    JOIN pgflow.runs r ON r.run_id = a.run_id
+    WHERE a.flow_slug = :queue AND r.status = 'started'
+), run_room AS MATERIALIZED (
+    -- null: no run limit
+    SELECT (SELECT greatest(lim.max_running_runs - (SELECT count(*) FROM active), 0)
+            FROM lim WHERE lim.max_running_runs IS NOT NULL) AS room
+), forget AS (
+    -- admissions of runs that ended (or are gone) are no longer needed
+    DELETE FROM pgflow_sa.admitted_runs a
+    WHERE a.flow_slug = :queue
+      AND NOT EXISTS (SELECT 1 FROM pgflow.runs r WHERE r.run_id = a.run_id AND r.status = 'started')
+    RETURNING a.run_id
+), candidates AS MATERIALIZED (
+    SELECT q.msg_id, q.message ->> 'step_slug' AS step_slug,
+           (q.message ->> 'run_id')::uuid AS run_id
+    FROM pgmq.{queue_table} q
+    WHERE q.vt <= clock_timestamp()
+      AND (SELECT room FROM flow_room) > 0
+      AND NOT ((q.message ->> 'step_slug') IN (SELECT step_slug FROM step_room WHERE room = 0))
+      AND ((SELECT room FROM run_room) IS NULL OR (SELECT room FROM run_room) > 0
+           OR (q.message ->> 'run_id')::uuid IN (SELECT run_id FROM active))
+    ORDER BY q.msg_id
+    LIMIT :scan
+    FOR UPDATE SKIP LOCKED
+), by_run AS (
+    SELECT c.*, c.run_id IN (SELECT run_id FROM active) AS admitted,
+           min(c.msg_id) OVER (PARTITION BY c.run_id) AS run_first
+    FROM candidates c
+), fits_runs AS (
+    SELECT b.* FROM (
+        SELECT b.*, dense_rank() OVER (PARTITION BY b.admitted ORDER BY b.run_first) AS run_rank
+        FROM by_run b
+    ) AS b
+    WHERE (SELECT room FROM run_room) IS NULL OR b.admitted
+       OR b.run_rank <= (SELECT room FROM run_room)
+), fits_steps AS (
+    SELECT f.* FROM (
+        SELECT f.*, row_number() OVER (PARTITION BY f.step_slug ORDER BY f.msg_id) AS step_rank
+        FROM fits_runs f
+    ) AS f
+    LEFT JOIN step_room sr ON sr.step_slug = f.step_slug
+    WHERE sr.room IS NULL OR f.step_rank <= sr.room
+), chosen AS MATERIALIZED (
+    SELECT f.msg_id, f.run_id, f.admitted FROM fits_steps f
+    ORDER BY f.msg_id
+    LIMIT least(:qty, (SELECT room FROM flow_room))
+), msgs AS MATERIALIZED (
+    SELECT c.msg_id FROM chosen c
+    CROSS JOIN LATERAL pgmq.set_vt(:queue, c.msg_id, {hide_for}) AS v
+), admit AS (
+    INSERT INTO pgflow_sa.admitted_runs (run_id, flow_slug)
+    SELECT DISTINCT c.run_id, :queue FROM chosen c
+    WHERE NOT c.admitted AND (SELECT room FROM run_room) IS NOT NULL
+    ON CONFLICT (run_id) DO NOTHING
+    RETURNING run_id
+), held AS (
+    -- a visible message left behind: a limit holds it back (the caller polls soon)
+    SELECT EXISTS (
+        SELECT 1 FROM pgmq.{queue_table} q
+        WHERE q.vt <= clock_timestamp() AND q.msg_id <> ALL (ARRAY(SELECT msg_id FROM chosen))
+    ) AS held_back,
+    (SELECT count(*) FROM forget) + (SELECT count(*) FROM admit) AS bookkeeping
+)
+{tail}"""
+
+_CLAIM_TAIL = """, claimed AS MATERIALIZED (
     SELECT t.* FROM pgflow.start_tasks(:queue, ARRAY(SELECT msg_id FROM msgs), :worker_id) AS t
 )
 SELECT m.read_count,
        x.run_id, x.step_slug, x.input, x.msg_id, x.task_index, x.attempt, x.timeout,
+       x.reused, x.reused_output,
        now() AS started_at, -- what start_tasks stamped: the transaction's start
        -- when the next message hidden now (a retry's or a start delay's, or one held by
        -- a worker that may die) becomes visible: an idle worker sleeps until then
        (SELECT q.vt FROM pgmq.{queue_table} q
         WHERE q.msg_id <> ALL (ARRAY(SELECT msg_id FROM msgs))
-        ORDER BY q.vt LIMIT 1) AS next_visible_at
+        ORDER BY q.vt LIMIT 1) AS next_visible_at,
+       (SELECT limited FROM limits) AS limited,
+       (SELECT held_back FROM held) AS held_back
 FROM (SELECT count(*) AS read_count FROM msgs) AS m
 LEFT JOIN (
     -- The reads below use the statement's snapshot, taken before pgmq.read and
@@ -362,40 +512,72 @@ LEFT JOIN (
            coalesce((SELECT st.attempts_count FROM pgflow.step_tasks st
                      WHERE st.run_id = c.run_id AND st.step_slug = c.step_slug
                        AND st.task_index = c.task_index), 0) + 1 AS attempt,
-           coalesce(s.opt_timeout, f.opt_timeout) AS timeout
+           coalesce(s.opt_timeout, f.opt_timeout) AS timeout,
+           reuse.reused IS NOT NULL AS reused, reuse.output AS reused_output
     FROM claimed c
     LEFT JOIN pgflow.steps s ON s.flow_slug = :queue AND s.step_slug = c.step_slug
     LEFT JOIN pgflow.flows f ON f.flow_slug = :queue
+    -- a retry that reuses outputs: the same task completed in the run it retries (its
+    -- inputs were the same: every step it depends on completed there too, and is
+    -- reused here in turn); primary-key lookups, nothing when there is no retry
+    LEFT JOIN LATERAL (
+        SELECT true AS reused, o.output
+        FROM pgflow_sa.run_retries rr
+        JOIN pgflow.step_tasks o
+          ON o.run_id = rr.retry_of AND o.step_slug = c.step_slug
+         AND o.task_index = c.task_index AND o.status = 'completed'
+        WHERE rr.run_id = c.run_id AND rr.reuse_outputs
+    ) AS reuse ON true
 ) AS x ON true
 """
 
+_CLAIM_COLUMNS = (
+    column("read_count", BigInteger()),
+    column("run_id", PG_UUID(as_uuid=True)),
+    column("step_slug", Text()),
+    column("input", JSONB()),
+    column("msg_id", BigInteger()),
+    column("task_index", Integer()),
+    column("attempt", Integer()),
+    column("timeout", Integer()),
+    column("reused", Boolean()),
+    column("reused_output", JSONB(none_as_null=False)),
+    column("started_at", TIMESTAMP(timezone=True)),
+    column("next_visible_at", TIMESTAMP(timezone=True)),
+    column("limited", Boolean()),
+    column("held_back", Boolean()),
+)
 
-@functools.cache
-def _claim_statement(queue: str) -> Executable:
+
+def _claim_sql(template: str, queue: str) -> Executable:
     from ..dsl import is_safe_slug
 
     if not is_safe_slug(queue):
         raise ValueError(f"not a pgflow queue name: {queue!r}")
-    return (
-        text(_CLAIM_SQL.replace("{queue_table}", f"q_{queue.lower()}"))
-        .bindparams(
-            bindparam("queue", type_=Text()),
-            bindparam("vt_margin", type_=Integer()),
-            bindparam("qty", type_=Integer()),
-            bindparam("worker_id", type_=PG_UUID(as_uuid=True)),
-        )
-        .columns(
-            column("read_count", BigInteger()),
-            column("run_id", PG_UUID(as_uuid=True)),
-            column("step_slug", Text()),
-            column("input", JSONB()),
-            column("msg_id", BigInteger()),
-            column("task_index", Integer()),
-            column("attempt", Integer()),
-            column("timeout", Integer()),
-            column("started_at", TIMESTAMP(timezone=True)),
-            column("next_visible_at", TIMESTAMP(timezone=True)),
-        )
+    sql = (
+        template.replace("{tail}", _CLAIM_TAIL)
+        .replace("{hide_for}", _HIDE_FOR)
+        .replace("{queue_table}", f"q_{queue.lower()}")
+    )
+    return text(sql).bindparams(
+        bindparam("queue", type_=Text()),
+        bindparam("vt_margin", type_=Integer()),
+        bindparam("qty", type_=Integer()),
+        bindparam("worker_id", type_=PG_UUID(as_uuid=True)),
+    )
+
+
+@functools.cache
+def _claim_statement(queue: str) -> Executable:
+    return _claim_sql(_CLAIM_SQL, queue).columns(*_CLAIM_COLUMNS)  # type: ignore[attr-defined,no-any-return]
+
+
+@functools.cache
+def _limited_claim_statement(queue: str) -> Executable:
+    return (  # type: ignore[no-any-return]
+        _claim_sql(_LIMITED_CLAIM_SQL, queue)
+        .bindparams(bindparam("scan", type_=Integer()))  # type: ignore[attr-defined]
+        .columns(*_CLAIM_COLUMNS)
     )
 
 
@@ -404,15 +586,46 @@ def claim(queue: str, vt_margin: int, qty: int, worker_id: uuid.UUID) -> Query:
     trip, atomic without a transaction block). The messages stay hidden for the
     flow's longest step timeout plus ``vt_margin`` seconds. Rows: read_count, and per
     claimed task run_id, step_slug, input, msg_id, task_index, attempt (for display:
-    read before start_tasks counted it), the step's timeout as it is now and the
-    started_at that start_tasks stamped (the fence), and when the next message hidden
-    now becomes visible (null: none); one row of nulls but the last two when nothing
-    was claimed."""
+    read before start_tasks counted it), the step's timeout as it is now, whether its
+    output is reused from the run a retry retries (and that output), the started_at
+    that start_tasks stamped (the fence), when the next message hidden now becomes
+    visible (null: none), whether the flow has limits (then nothing was read: claim
+    it with :func:`limited_claim`) and whether a limit held messages back; one row of
+    nulls but the last four when nothing was claimed."""
     return _claim_statement(queue), {
         "queue": queue,
         "vt_margin": vt_margin,
         "qty": qty,
         "worker_id": worker_id,
+    }
+
+
+#: candidates a limited claim looks at beyond what it may take: messages of runs or
+#: steps over a limit are passed over within this window
+LIMITED_SCAN_MIN = 100
+
+
+def limits_lock_key(queue: str) -> Query:
+    """Take the transaction-level advisory lock that limited claims of ``queue`` hold
+    (see :func:`limited_claim`)."""
+    return _LIMITS_LOCK, {"key": f"pgflow_sa limits {queue}"}
+
+
+_LIMITS_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))").bindparams(
+    bindparam("key", type_=Text())
+)
+
+
+def limited_claim(queue: str, vt_margin: int, qty: int, worker_id: uuid.UUID) -> Query:
+    """:func:`claim` for a flow with limits (``pgflow_sa.flow_limits``): run it in a
+    transaction after :func:`limits_lock_key`'s lock, so that the limits hold across
+    every worker. Same rows as :func:`claim`."""
+    return _limited_claim_statement(queue), {
+        "queue": queue,
+        "vt_margin": vt_margin,
+        "qty": qty,
+        "worker_id": worker_id,
+        "scan": max(LIMITED_SCAN_MIN, qty * 4),
     }
 
 

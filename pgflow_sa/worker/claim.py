@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -28,6 +29,9 @@ logger = logging.getLogger("pgflow_sa.worker")
 
 #: claims of one flow that may be in flight at once
 LANES = 2
+#: seconds between claims of a flow while a concurrency limit holds tasks back (the
+#: room another worker's task leaves when it ends comes with no notification)
+LIMIT_POLL_INTERVAL = 0.5
 #: SQLSTATE of a foreign key violation: start_tasks names a worker row that is gone
 _FOREIGN_KEY_VIOLATION = "23503"
 
@@ -102,6 +106,9 @@ class Poller:
         #: next hidden message becomes visible)
         self._poll_at = 0.0
         self._poll_moved = asyncio.Event()
+        #: the flow has concurrency limits (pgflow_sa.flow_limits): claimed in turns
+        self._limited = flow.limits() is not None
+        self._held_back_since: float | None = None
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Claim until stopped or deprecated, in LANES lanes: a wake-up that arrives
@@ -211,14 +218,22 @@ class Poller:
         )
 
     async def _claim(self, qty: int) -> tuple[list[ClaimedTask], int, float | None]:
-        """One round trip (see worker_queries.claim); every claimed task is launched
-        before this returns. (claimed, messages read, seconds until the next hidden
-        message becomes visible or None)."""
-        statement = worker_queries.claim(
-            self.flow.slug, self._settings.visibility_timeout, qty, self.worker_id
-        )
-        async with self._engine.begin() as conn:
-            rows = (await conn.execute(*statement)).all()
+        """One round trip (see worker_queries.claim), or for a flow with limits a
+        transaction of two (worker_queries.limited_claim); every claimed task is
+        launched before this returns. (claimed, messages read, seconds until the next
+        hidden message becomes visible or None)."""
+        rows = await self._claim_rows(qty, self._limited)
+        if rows and bool(rows[0].limited) != self._limited:
+            # limits were set or removed (a worker of the flow started with others):
+            # the statement that read nothing for this flow is the wrong one now
+            self._limited = bool(rows[0].limited)
+            logger.info(
+                "flow %s %s concurrency limits",
+                self.flow.slug,
+                "has" if self._limited else "no longer has",
+            )
+            if self._limited:
+                rows = await self._claim_rows(qty, True)
         claimed = [
             ClaimedTask(
                 flow=self.flow,
@@ -230,6 +245,8 @@ class Poller:
                 started_at=row.started_at,
                 attempt=row.attempt,
                 timeout=row.timeout,
+                reused=bool(row.reused),
+                reused_output=row.reused_output,
             )
             for row in rows
             if row.run_id is not None
@@ -243,4 +260,28 @@ class Poller:
         if first.next_visible_at is not None:
             # both times are the database's: no clock skew
             visible_in = (first.next_visible_at - first.started_at).total_seconds()
+        if first.held_back:
+            # a task of another worker that ends frees room without a notification
+            visible_in = min(visible_in, LIMIT_POLL_INTERVAL) if visible_in else LIMIT_POLL_INTERVAL
+            if self._held_back_since is None:
+                self._held_back_since = time.monotonic()
+                events.emit("limit.wait", flow_slug=self.flow.slug)
+        elif self._held_back_since is not None:
+            events.emit(
+                "limit.clear",
+                {"waited_s": time.monotonic() - self._held_back_since},
+                flow_slug=self.flow.slug,
+            )
+            self._held_back_since = None
         return claimed, first.read_count, visible_in
+
+    async def _claim_rows(self, qty: int, limited: bool) -> list[Any]:
+        margin = self._settings.visibility_timeout
+        if not limited:
+            statement = worker_queries.claim(self.flow.slug, margin, qty, self.worker_id)
+            async with self._engine.begin() as conn:
+                return list((await conn.execute(*statement)).all())
+        statement = worker_queries.limited_claim(self.flow.slug, margin, qty, self.worker_id)
+        async with self._engine.begin() as conn:
+            await conn.execute(*worker_queries.limits_lock_key(self.flow.slug))
+            return list((await conn.execute(*statement)).all())

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import inspect
 import logging
-import sys
 import threading
 import time
 import uuid
@@ -45,6 +45,8 @@ T = TypeVar("T")
 
 #: seconds before a task handed back after a lost connection is offered again
 RECONNECT_DELAY = 1
+#: the error of a task whose run ended while its handler ran
+CANCELLED_MESSAGE = "Cancelled: the run ended (cancelled or failed) while this task ran"
 #: hand-backs after lost connections in a row, per task, before its handler's error
 #: counts as a failure (a handler whose query kills its own backend every time)
 MAX_RECONNECTS = 3
@@ -99,7 +101,7 @@ class FlowInputs:
 class _Result:
     """How a handler ended."""
 
-    kind: str  # output | committed | lost | error | timeout
+    kind: str  # output | committed | lost | error | timeout | cancelled
     output: Any = None
     error: BaseException | None = None
 
@@ -143,6 +145,14 @@ class TaskRunner:
             "task_index": record.task_index,
             "attempt": task.attempt,
         }
+        if task.reused:
+            # a retry reusing outputs: this task completed in the run retried, and its
+            # inputs are the same; its output is written again, the handler not run
+            release()
+            task.state = TaskState.SETTLING
+            await self._complete(task, task.reused_output)
+            events.emit("task.reused", **meta)
+            return
         events.emit("task.start", **meta)
         started = time.monotonic()
         try:
@@ -162,6 +172,13 @@ class TaskRunner:
             self.settler.completed += 1
         elif result.kind == "lost":
             self.settler.mark_lost(task)
+        elif result.kind == "cancelled":
+            logger.info("the run of %s ended: its handler was cancelled", task.describe())
+            events.emit("task.cancelled", elapsed, **meta)
+            # cancel_run has failed the task already (then this writes nothing); a run
+            # that another task failed leaves it started, and this ends it
+            await self.settler.fail([(task, CANCELLED_MESSAGE)])
+            return
         elif result.kind == "timeout":
             message = (
                 f"TimeoutError: step {record.step_slug!r} did not finish within {task.timeout} s"
@@ -249,6 +266,7 @@ class TaskRunner:
             logger=handler_logger(task.flow.slug, record.step_slug),
             session_factory=self._sessions.sync,
             async_session_factory=self._sessions.async_,
+            cancel_event=task.cancelled,
         )
 
     async def _call(
@@ -261,19 +279,53 @@ class TaskRunner:
             release()
             return _Result("error", error=exc)
         args = (value, ctx) if task.step.takes_context else (value,)
+        loop = asyncio.get_running_loop()
         if inspect.iscoroutinefunction(handler):
+            running = asyncio.ensure_future(_run_async(handler, args, ctx, task))
+            task.on_cancel = running.cancel
             try:
-                return await _within(_run_async(handler, args, ctx, task), task.timeout)
-            except asyncio.TimeoutError:
-                return _Result("timeout")
+                if task.cancelled.is_set():
+                    running.cancel()
+                done, _ = await asyncio.wait({running}, timeout=task.timeout)
+                if not done:
+                    running.cancel()
+                    await asyncio.wait({running})
+                    return _Result("timeout")
+                return _Result("cancelled") if running.cancelled() else running.result()
+            except asyncio.CancelledError:  # the worker stops: the handler with it
+                running.cancel()
+                raise
             finally:
+                task.on_cancel = None
                 release()
         ended = _in_thread(lambda: _run_sync(handler, args, ctx, task), release)
+        cancelled: asyncio.Future[None] = loop.create_future()
+        task.on_cancel = functools.partial(_resolve, cancelled)
+        if task.cancelled.is_set():
+            _resolve(cancelled)
+        racing: list[asyncio.Future[Any]] = [ended, cancelled]
         try:
-            return await _within(asyncio.shield(ended), task.timeout)
-        except asyncio.TimeoutError:
-            self.abandoned_threads += 1
-            return _Result("timeout")
+            done, _ = await asyncio.wait(
+                racing, timeout=task.timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            task.on_cancel = None
+        if ended in done:
+            cancelled.cancel()
+            result: _Result = ended.result()
+            return result
+        # a thread cannot be stopped: it keeps its slot until it ends, and what it
+        # returns or writes through ctx.session then no longer counts (fenced)
+        self.abandoned_threads += 1
+        if cancelled in done:
+            return _Result("cancelled")
+        cancelled.cancel()
+        return _Result("timeout")
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 async def _run_async(
@@ -337,11 +389,3 @@ def _in_thread(call: Callable[[], T], ended: Callable[[], None]) -> asyncio.Futu
 
     threading.Thread(target=target, name="pgflow-sa-handler", daemon=True).start()
     return future
-
-
-async def _within(awaitable: Awaitable[T], seconds: float) -> T:
-    """``await`` with a deadline; raises TimeoutError."""
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout(seconds):
-            return await awaitable
-    return await asyncio.wait_for(awaitable, seconds)  # pragma: no cover - Python 3.10

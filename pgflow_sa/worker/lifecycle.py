@@ -41,6 +41,16 @@ class WorkerStartupError(PgflowSaError):
         self.details = list(details)
 
 
+def _describe_limits(limits: tuple[Any, ...] | None) -> str:
+    if limits is None:
+        return "none"
+    flow, runs, steps = limits
+    parts = [f"{flow} task(s) of the flow"] if flow is not None else []
+    parts += [f"{runs} run(s) in progress"] if runs is not None else []
+    parts += [f"{n} task(s) of step {slug}" for slug, n in sorted((steps or {}).items())]
+    return ", ".join(parts) or "none"
+
+
 class Lifecycle:
     def __init__(
         self,
@@ -117,7 +127,38 @@ class Lifecycle:
 
     async def _start_once(self) -> None:
         await self._check_flows()
+        await self._store_limits()
         await self.register()
+
+    async def _store_limits(self) -> None:
+        """Write each served flow's concurrency limits (none: remove them) to
+        ``pgflow_sa.flow_limits``, where every worker's claims read them: the limits
+        of the worker that started last hold."""
+        try:
+            async with self._engine.begin() as conn:
+                for flow in self._registry:
+                    limits = flow.limits()
+                    result = await conn.execute(worker_queries.set_flow_limits(flow.slug, limits))
+                    before = result.first()
+                    was = None if before is None else tuple(before)[:3]
+                    now = None
+                    if limits is not None:
+                        now = (limits.max_concurrency, limits.max_running_runs, limits.step_limits)
+                    if was != now:
+                        logger.info(
+                            "concurrency limits of %s: %s (were %s)",
+                            flow.slug,
+                            _describe_limits(now),
+                            _describe_limits(was),
+                        )
+        except DB_ERRORS as exc:
+            if sqlstate(exc) == "42P01":  # no such table
+                raise WorkerStartupError(
+                    "pgflow-sa's run-control tables are missing from the database at "
+                    f"{mask_password(self._engine.url)} (installed by an older pgflow-sa): "
+                    "run `pgflow-sa install` (or generate and apply an Alembic migration)"
+                ) from exc
+            raise
 
     async def _check_flows(self) -> None:
         problems: list[str] = []

@@ -6,6 +6,7 @@ Notifications are hints; the tables are the truth."""
 from __future__ import annotations
 
 import functools
+import uuid
 from collections.abc import Callable, Iterable
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -26,8 +27,10 @@ class Listener:
         flow_slugs: Iterable[str],
         wake_all: Callable[[], None],
         wake_flow: Callable[[str], None],
+        run_failed: Callable[[uuid.UUID], None] = lambda run_id: None,
     ) -> None:
         self._slugs = list(flow_slugs)
+        self._run_failed = run_failed
         self._wake_all = wake_all
         self._wake_flow = wake_flow
         self._pgflow_events = False
@@ -63,11 +66,14 @@ class Listener:
         if ':started"' in payload and '"step:' in payload:
             self._wake_all()
             return
-        if not events.has_subscribers() or (
-            '"run:completed"' not in payload and '"run:failed"' not in payload
-        ):
+        failed = '"run:failed"' in payload
+        if not failed and (not events.has_subscribers() or '"run:completed"' not in payload):
             return
         event = parse_notification(payload)
+        if event is not None and failed:
+            self._run_failed(event.run_id)  # its tasks here are cancelled (once checked)
+        if not events.has_subscribers():
+            return
         if (
             event is not None
             and event.finishes_run

@@ -23,11 +23,13 @@ from sqlalchemy.orm import Session
 
 from .. import events
 from .._backoff import Backoff
+from .._db import DB_ERRORS
 from ..config import async_engine_from_url, to_sqlalchemy_url
 from ..dsl import Flow
 from ..exceptions import ConfigurationError
 from ..pooler import listen_url, psycopg_connect_args, transaction_pooling
 from ..registry import FlowRegistry
+from ..schema import worker_queries
 from .claim import Budget, Poller
 from .execute import FlowInputs, Sessions, TaskRunner
 from .lifecycle import Lifecycle, WorkerStartupError, keep_trying
@@ -110,6 +112,8 @@ class Worker:
         self._last_busy = time.monotonic()
         self._tasks: dict[TaskKey, tuple[ClaimedTask, asyncio.Task[None]]] = {}
         self._pollers: dict[str, Poller] = {}
+        #: checks of runs a notification says ended
+        self._checks: set[asyncio.Future[None]] = set()
         self._stopping: asyncio.Event | None = None
         self._stop_requested = False  # stop() may come before run() has begun
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -211,7 +215,11 @@ class Worker:
             FlowInputs(self.engine),
         )
         listener = Listener(
-            self._listen_engine or self.engine, self.worker_ids, self._wake_all, self._wake_flow
+            self._listen_engine or self.engine,
+            self.worker_ids,
+            self._wake_all,
+            self._wake_flow,
+            self._run_ended_hint,
         )
         started_at = time.monotonic()
         reason = "stopped"
@@ -360,11 +368,39 @@ class Worker:
                     poller.wake.set()
             if self._pollers and all(p.deprecated for p in self._pollers.values()):
                 stopping.set()
+            await self._cancel_ended_runs()
             await self._close_spare_connections()
 
         await keep_trying(
             "heartbeat", beat, self.settings.heartbeat_interval, Backoff(self.settings.max_backoff)
         )
+
+    def _run_ended_hint(self, run_id: uuid.UUID) -> None:
+        """A notification says a run failed: if this worker runs tasks of it, check
+        (a notification is a hint, and anyone may send one) and cancel them."""
+        if any(task.record.run_id == run_id for task, _ in self._tasks.values()):
+            checking = asyncio.ensure_future(self._cancel_ended_runs([run_id]))
+            self._checks.add(checking)
+            checking.add_done_callback(self._checks.discard)
+
+    async def _cancel_ended_runs(self, run_ids: list[uuid.UUID] | None = None) -> None:
+        """Cancel the handlers of tasks whose run has ended (cancelled with cancel_run,
+        or failed by another task): their outcome would not count. Checked at every
+        heartbeat while tasks run, and at once when a notification says so."""
+        running = [task for task, _ in self._tasks.values() if task.state is TaskState.RUNNING]
+        held = {task.record.run_id for task in running}
+        ids = [rid for rid in (run_ids if run_ids is not None else held) if rid in held]
+        if not ids:
+            return
+        try:
+            async with self.engine.connect() as conn:
+                ended = set((await conn.execute(worker_queries.ended_runs(ids))).scalars())
+        except DB_ERRORS as exc:
+            logger.debug("could not check for ended runs (%s)", exc)
+            return
+        for task in running:
+            if task.record.run_id in ended and task.request_cancel():
+                logger.info("run %s ended: cancelling %s", task.record.run_id, task.describe())
 
     async def _close_spare_connections(self) -> None:
         """An idle worker holds two connections: the listener's, and one in its pool

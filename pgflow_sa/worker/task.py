@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -52,6 +54,24 @@ class ClaimedTask:
     state: TaskState = TaskState.CLAIMED
     #: the flow input, for handlers of map steps (their task input is the element)
     flow_input: Any = field(default=None, repr=False)
+    #: a retry reusing outputs: this task completed in the run retried, with this output
+    reused: bool = False
+    reused_output: Any = field(default=None, repr=False)
+    #: set when the run ended while the task runs (cancelled, or failed by another
+    #: task): the handler is cancelled (async) or sees ``ctx.cancelled`` (sync)
+    cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    #: what cancels the running handler (set by the runner while it runs)
+    on_cancel: Callable[[], object] | None = field(default=None, repr=False)
+
+    def request_cancel(self) -> bool:
+        """The run ended: cancel the handler (call on the worker's loop). False when it
+        was asked before."""
+        if self.cancelled.is_set():
+            return False
+        self.cancelled.set()
+        if self.on_cancel is not None:
+            self.on_cancel()
+        return True
 
     @property
     def key(self) -> TaskKey:

@@ -1,0 +1,245 @@
+"""Run control through public means: cancel_run and retry_run in the caller's
+transaction, served by `pgflow-sa worker` subprocesses."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine
+
+from pgflow_sa import (
+    RunNotFoundError,
+    RunStateError,
+    RunStatus,
+    cancel_run,
+    get_run,
+    list_runs,
+    retry_run,
+    start_flow,
+    to_sqlalchemy_url,
+)
+
+from .apps.control_app import EVENTS_DDL, flows, long_async, long_sync, two_steps
+from .test_worker_process import WorkerProcess
+from .worker_harness import deploy
+
+
+@pytest.fixture
+def prepared(db_url: str) -> str:
+    deploy(db_url, *flows)
+    with psycopg.connect(db_url) as conn:
+        conn.execute(EVENTS_DDL)
+    return db_url
+
+
+@pytest.fixture
+def engine(prepared: str) -> Iterator[Engine]:
+    engine = create_engine(to_sqlalchemy_url(prepared, "psycopg"))
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def worker(prepared: str, tmp_path: Path) -> Iterator[WorkerProcess]:
+    process = WorkerProcess(
+        prepared,
+        tmp_path / "worker.log",
+        {"TEST_DATABASE_URL": prepared, "PGFLOW_SA_WORKER_SHUTDOWN_TIMEOUT": "1"},
+        app="control_app:flows",
+    )
+    yield process
+    process.stop()
+    print(process.output())  # shown when the test fails
+
+
+def events(url: str, run_id: uuid.UUID | None = None) -> list[tuple[str, str]]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT step_slug, what FROM events WHERE %s::uuid IS NULL OR run_id = %s ORDER BY at",
+            [run_id, run_id],
+        ).fetchall()
+    return [(r[0], r[1]) for r in rows]
+
+
+def wait_until(check: Any, timeout: float = 30, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def start(engine: Engine, flow: Any, input: Any) -> uuid.UUID:
+    with engine.begin() as conn:
+        return start_flow(conn, flow, input).run_id
+
+
+def test_cancel_while_an_async_handler_runs(
+    engine: Engine, prepared: str, worker: WorkerProcess
+) -> None:
+    run_id = start(engine, long_async, {})
+    wait_until(lambda: ("wait_long", "start") in events(prepared, run_id), what="the handler")
+    with engine.begin() as conn:
+        cancelled = cancel_run(conn, run_id, reason="customer asked")
+    asked = time.monotonic()
+    assert cancelled.status is RunStatus.CANCELLED and cancelled.cancelled
+    assert cancelled.cancel_reason == "customer asked"
+    assert cancelled.error == "Cancelled: customer asked"
+    # the worker learns it and cancels the handler (a notification; the heartbeat else)
+    wait_until(lambda: ("wait_long", "cancelled") in events(prepared, run_id), what="cancel")
+    assert time.monotonic() - asked < 5
+    time.sleep(1.0)  # a later completion of the task would show here
+    with engine.begin() as conn:
+        run = get_run(conn, run_id)
+    assert run is not None and run.status is RunStatus.CANCELLED
+    task = run.step("wait_long").tasks[0]
+    assert task.status.value == "failed" and task.error_message == "Cancelled: customer asked"
+    assert run.step("wait_long").status.value == "failed"
+    assert run.step("after_long").status.value == "created"  # downstream never started
+    assert events(prepared, run_id) == [("wait_long", "start"), ("wait_long", "cancelled")]
+    with psycopg.connect(prepared) as conn:
+        (pgflow_status,) = conn.execute(
+            "SELECT status FROM pgflow.runs WHERE run_id = %s", [run_id]
+        ).fetchone()
+        (visible,) = conn.execute("SELECT count(*) FROM pgmq.q_long_async").fetchone()
+    assert pgflow_status == "failed"  # pgflow's own table keeps its meaning
+    assert visible == 0  # the run's messages are archived
+    out = worker.output()
+    assert "cancelling" in out and "lost task" not in out
+
+
+def test_a_sync_handler_sees_ctx_cancelled(
+    engine: Engine, prepared: str, worker: WorkerProcess
+) -> None:
+    run_id = start(engine, long_sync, {})
+    wait_until(lambda: ("poll_cancelled", "start") in events(prepared, run_id), what="handler")
+    with engine.begin() as conn:
+        cancel_run(conn, run_id)
+    wait_until(lambda: ("poll_cancelled", "saw cancelled") in events(prepared, run_id), 10)
+    time.sleep(0.5)
+    with engine.begin() as conn:
+        run = get_run(conn, run_id)
+    assert run is not None and run.status is RunStatus.CANCELLED and run.error == "Cancelled"
+    # what the handler returned after the cancel did not count
+    task = run.step("poll_cancelled").tasks[0]
+    assert task.status.value == "failed" and task.output is None
+
+
+def test_a_cancel_that_rolls_back_cancels_nothing(
+    engine: Engine, prepared: str, worker: WorkerProcess
+) -> None:
+    run_id = start(engine, long_async, {})
+    wait_until(lambda: ("wait_long", "start") in events(prepared, run_id), what="the handler")
+    with engine.connect() as conn, conn.begin() as tx:
+        assert cancel_run(conn, run_id).status is RunStatus.CANCELLED
+        tx.rollback()
+    time.sleep(1.5)  # beyond a heartbeat: the worker checks the runs of its tasks
+    with engine.begin() as conn:
+        run = get_run(conn, run_id)
+    assert run is not None and run.status is RunStatus.STARTED and run.cancelled_at is None
+    assert run.step("wait_long").tasks[0].status.value == "started"
+    assert ("wait_long", "cancelled") not in events(prepared, run_id)
+
+
+def test_cancel_refuses_finished_and_unknown_runs(engine: Engine, prepared: str) -> None:
+    run_id = start(engine, long_async, {})
+    with engine.begin() as conn:
+        cancel_run(conn, run_id)
+    with engine.begin() as conn, pytest.raises(RunStateError, match="has already failed"):
+        cancel_run(conn, run_id)
+    with engine.begin() as conn, pytest.raises(RunNotFoundError, match="no run"):
+        cancel_run(conn, uuid.uuid4())
+
+
+def test_retry_of_a_failed_run_completes_and_is_linked(
+    engine: Engine, prepared: str, worker: WorkerProcess
+) -> None:
+    with psycopg.connect(prepared) as conn:
+        conn.execute("INSERT INTO switches VALUES ('store_fails', true)")
+    original = start(engine, two_steps, [1, 2, 3])
+    wait_until(lambda: _status(engine, original) is RunStatus.FAILED, what="the failure")
+    with engine.begin() as conn, pytest.raises(RunStateError, match="still in progress"):
+        retry_run(conn, start_flow(conn, two_steps, [1]).run_id)
+    with psycopg.connect(prepared) as conn:
+        conn.execute("UPDATE switches SET value = false")
+    with engine.begin() as conn:
+        again = retry_run(conn, original)
+    assert again.retry_of == original and again.run_id != original
+    wait_until(lambda: _status(engine, again.run_id) is RunStatus.COMPLETED, what="the retry")
+    with engine.begin() as conn:
+        run = get_run(conn, again.run_id)
+        linked = list_runs(conn, retry_of=original).runs
+    assert run is not None and run.retry_of == original and run.output == {"store": 60}
+    assert [r.run_id for r in linked] == [again.run_id]
+    # without reuse every step ran again
+    assert events(prepared, again.run_id).count(("fetch", "start")) == 3
+    with engine.begin() as conn, pytest.raises(RunStateError, match="completed"):
+        retry_run(conn, again.run_id)
+
+
+def test_retry_reusing_outputs_runs_only_what_failed(
+    engine: Engine, prepared: str, worker: WorkerProcess
+) -> None:
+    with psycopg.connect(prepared) as conn:
+        conn.execute("INSERT INTO switches VALUES ('store_fails', true)")
+    original = start(engine, two_steps, [1, 2, 3])
+    wait_until(lambda: _status(engine, original) is RunStatus.FAILED, what="the failure")
+    with psycopg.connect(prepared) as conn:
+        conn.execute("UPDATE switches SET value = false")
+    with engine.begin() as conn:
+        again = retry_run(conn, original, reuse_outputs=True)
+    wait_until(lambda: _status(engine, again.run_id) is RunStatus.COMPLETED, what="the retry")
+    assert events(prepared, again.run_id) == [("store", "start")]
+    with engine.begin() as conn:
+        run = get_run(conn, again.run_id)
+    assert run is not None and run.output == {"store": 60}
+    assert [t.output for t in run.step("fetch").tasks] == [10, 20, 30]
+
+
+def test_a_retry_of_a_cancelled_run_reuses_what_completed_before_the_cancel(
+    engine: Engine, prepared: str, worker: WorkerProcess
+) -> None:
+    with psycopg.connect(prepared) as conn:
+        conn.execute("INSERT INTO switches VALUES ('store_waits', true)")
+    original = start(engine, two_steps, [4, 5])
+    wait_until(lambda: ("store", "start") in events(prepared, original), what="store")
+    with engine.begin() as conn:
+        cancel_run(conn, original, reason="wrong input")
+    with psycopg.connect(prepared) as conn:
+        conn.execute("UPDATE switches SET value = false")
+    with engine.begin() as conn:
+        again = retry_run(conn, original, reuse_outputs=True)
+    wait_until(lambda: _status(engine, again.run_id) is RunStatus.COMPLETED, what="the retry")
+    assert events(prepared, again.run_id) == [("store", "start")]
+    with engine.begin() as conn:
+        run = get_run(conn, again.run_id)
+    assert run is not None and run.output == {"store": 90} and run.retry_of == original
+
+
+def test_cancelled_runs_are_listed_apart_from_failed_ones(engine: Engine, prepared: str) -> None:
+    cancelled = start(engine, long_async, {})
+    with engine.begin() as conn:
+        cancel_run(conn, cancelled, reason="x")
+        listed = list_runs(conn, status="cancelled").runs
+        failed = list_runs(conn, status="failed").runs
+        again = retry_run(conn, cancelled)
+        assert again.retry_of == cancelled
+        (count,) = conn.execute(text("SELECT count(*) FROM pgflow_sa.run_cancellations")).one()
+    assert [r.run_id for r in listed] == [cancelled] and failed == ()
+    assert count == 1
+
+
+def _status(engine: Engine, run_id: uuid.UUID) -> RunStatus | None:
+    with engine.begin() as conn:
+        run = get_run(conn, run_id, steps=False)
+    return None if run is None else run.status
