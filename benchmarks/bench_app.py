@@ -59,4 +59,23 @@ async def element_ctx(item: Any, ctx: Context) -> int:
     return 1 if len(ctx.flow_input) else 0
 
 
-flows = FlowRegistry(noop, chain, wide, root_map, root_map_ctx)
+# bench_noop with a step limit that never binds (the worker runs 10 at once): what the
+# limit machinery costs by itself
+limited = Flow("bench_limited")
+
+
+@limited.step(max_concurrency=1000)
+async def nothing_limited(input: Any, ctx: Context) -> int:
+    return 1
+
+
+# and one that binds: at most 5 started at once across workers
+capped = Flow("bench_capped")
+
+
+@capped.step(max_concurrency=5)
+async def nothing_capped(input: Any, ctx: Context) -> int:
+    return 1
+
+
+flows = FlowRegistry(noop, chain, wide, root_map, root_map_ctx, limited, capped)

@@ -51,6 +51,7 @@ MEASUREMENTS = (
     "idle",
     "bulk-start",
     "scale-out",
+    "limits",
 )
 
 
@@ -298,6 +299,19 @@ def scale_out(server: str, tasks: int) -> list[dict[str, Any]]:
     return rows
 
 
+# --- limits: what concurrency limits cost -------------------------------------------------
+
+
+def limits(server: str, tasks: int) -> list[dict[str, Any]]:
+    """One worker (defaults) draining one-step no-op runs of the same flow without a
+    limit, with a step limit that never binds, and with one that does (5)."""
+    rows = []
+    for flow in ("bench_noop", "bench_limited", "bench_capped"):
+        url = pgflow_database(server)
+        rows.append({"flow": flow, **drain_with_workers(url, tasks, [], flow=flow)})
+    return rows
+
+
 # --- the report -------------------------------------------------------------------------
 
 
@@ -372,6 +386,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
             f" runs/s, start_flow per run {row['start_flow']:,.0f} runs/s"
             f" = {row['start_flows'] / row['start_flow']:.1f}x"
         )
+    if "limits" in results:
+        _report_limits(results["limits"], args.tasks)
     if "scale_out" in results:
         print(f"worker processes (defaults) on one database, {args.scale_tasks} tasks:")
         for row in results["scale_out"]:
@@ -381,6 +397,21 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
                 f" machine {row['machine_cores']:.2f} of {psutil.cpu_count()},"
                 f" {row['connections']} connections]"
             )
+
+
+def _report_limits(rows: list[dict[str, Any]], tasks: int) -> None:
+    print(f"one worker (defaults), {tasks} one-step no-op runs, concurrency limits:")
+    base = rows[0]["tasks_per_s"]
+    labels = {
+        "bench_noop": "no limit",
+        "bench_limited": "step limit 1000 (never binds)",
+        "bench_capped": "step limit 5 (binds)",
+    }
+    for row in rows:
+        print(
+            f"  {labels[row['flow']]:<38} {row['tasks_per_s']:7.0f} tasks/s"
+            f" = {row['tasks_per_s'] / base:.2f}x no limit"
+        )
 
 
 def main() -> int:
@@ -434,6 +465,8 @@ def main() -> int:
             )
         if "scale-out" in only:
             results["scale_out"] = scale_out(server, args.scale_tasks)
+        if "limits" in only:
+            results["limits"] = limits(server, args.tasks)
     finally:
         drop_databases(server)
     report(results, args)

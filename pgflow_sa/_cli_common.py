@@ -1,10 +1,12 @@
 """What every ``pgflow-sa`` command shares: the ``--database-url`` option, one-line
-errors, the database URL to use, and plain tables."""
+errors, the database URL to use, and plain tables and values."""
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
+from datetime import datetime, timezone
 from functools import wraps
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -73,3 +75,24 @@ def table(headers: list[str], rows: list[list[str]]) -> list[str]:
     for row in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     return lines
+
+
+def when(value: datetime | None) -> str:
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def seconds(start: datetime | None, end: datetime | None) -> str:
+    if start is None or end is None:
+        return "-"
+    return f"{(end - start).total_seconds():.2f}s"
+
+
+def short(text: str | None, width: int = 60) -> str:
+    if not text:
+        return "-"
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def as_json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, default=str)

@@ -10,7 +10,6 @@ import signal
 import sys
 import uuid
 from collections.abc import Coroutine, Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +17,16 @@ import click
 from sqlalchemy.pool import NullPool
 
 from . import __version__, events
+from ._cli_common import as_json as _json
 from ._cli_common import clean_errors, database_url_option
 from ._cli_common import database_url as _database_url
 from ._cli_common import fail as _fail
 from ._cli_common import table as _table
+from ._cli_common import when as _when
 from ._db import database_errors, sync_engine
 from .client import (
     flow_status,
-    get_run,
     get_run_async,
-    list_runs,
     parse_run_id,
     start_flow_async,
 )
@@ -45,7 +44,6 @@ from .exceptions import (
     FlowNotFoundError,
     InvalidInputError,
     PgflowSaError,
-    RunNotFoundError,
     RunTimeoutError,
     deploy_advice,
 )
@@ -241,27 +239,6 @@ def compile_command(app: str, flow_slugs: tuple[str, ...]) -> None:
             click.echo(statement)
 
 
-def _when(value: datetime | None) -> str:
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
-
-
-def _seconds(start: datetime | None, end: datetime | None) -> str:
-    if start is None or end is None:
-        return "-"
-    return f"{(end - start).total_seconds():.2f}s"
-
-
-def _short(text: str | None, width: int = 60) -> str:
-    if not text:
-        return "-"
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, default=str)
-
-
 #: exit codes of `start --wait`
 EXIT_RUN_FAILED = 3
 EXIT_WAIT_TIMEOUT = 4
@@ -298,8 +275,8 @@ async def _start_and_follow(
         async with engine.connect() as conn:
             final = await get_run_async(conn, run.run_id)
         assert final is not None
-        if final.status is RunStatus.FAILED:
-            _fail(f"run {final.run_id} failed: {final.error}", EXIT_RUN_FAILED)
+        if final.status in (RunStatus.FAILED, RunStatus.CANCELLED):
+            _fail(f"run {final.run_id} {final.status.value}: {final.error}", EXIT_RUN_FAILED)
         click.echo(_json(final.output))
         return 0
     finally:
@@ -395,45 +372,6 @@ def start(
     sys.exit(code)
 
 
-@cli.group()
-def runs() -> None:
-    """Inspect runs."""
-
-
-@runs.command("list")
-@click.option("--flow", help="Only runs of this flow.")
-@click.option(
-    "--status", type=click.Choice([s.value for s in RunStatus]), help="Only runs in this status."
-)
-@click.option("--limit", default=20, show_default=True, help="How many runs (newest first).")
-@database_url_option
-@clean_errors
-def runs_list(flow: str | None, status: str | None, limit: int, database_url: str | None) -> None:
-    """List runs, newest first."""
-    url = _database_url(database_url)
-    engine = sync_engine(url)
-    with database_errors(url, PgflowSaError), engine.connect() as conn:
-        page = list_runs(conn, flow=flow, status=status, limit=limit)
-    rows = [
-        [
-            str(r.run_id),
-            r.flow_slug,
-            r.status.value,
-            _when(r.started_at),
-            _seconds(r.started_at, r.completed_at or r.failed_at),
-            str(r.remaining_steps),
-            _short(r.error, 40),
-        ]
-        for r in page.runs
-    ]
-    for line in _table(
-        ["RUN", "FLOW", "STATUS", "STARTED (UTC)", "DURATION", "REMAINING", "ERROR"], rows
-    ):
-        click.echo(line)
-    if page.next_cursor:
-        click.echo(f"(more runs: raise --limit above {limit})")
-
-
 @cli.command()
 @click.option(
     "--window",
@@ -478,51 +416,6 @@ def status(window: int, as_json: bool, database_url: str | None) -> None:
         click.echo(line)
     if not flows:
         click.echo("(no flows: pgflow-sa flows deploy APP creates them)")
-
-
-@runs.command("show")
-@click.argument("run_id")
-@database_url_option
-@clean_errors
-def runs_show(run_id: str, database_url: str | None) -> None:
-    """Show a run and a table of its steps."""
-    rid = parse_run_id(run_id)
-    url = _database_url(database_url)
-    engine = sync_engine(url)
-    with database_errors(url, PgflowSaError), engine.connect() as conn:
-        run = get_run(conn, rid)
-    if run is None:
-        raise RunNotFoundError(f"there is no run {rid}")
-    click.echo(f"run       {run.run_id}")
-    click.echo(f"flow      {run.flow_slug}")
-    click.echo(f"status    {run.status.value}")
-    click.echo(f"started   {_when(run.started_at)} UTC")
-    finished = run.completed_at or run.failed_at
-    click.echo(f"finished  {_when(finished)}{' UTC' if finished else ''}")
-    click.echo(f"duration  {_seconds(run.started_at, finished)}")
-    click.echo(f"input     {_short(_json(run.input), 200)}")
-    if run.status is RunStatus.COMPLETED:
-        click.echo(f"output    {_short(_json(run.output), 200)}")
-    if run.error:
-        click.echo(f"error     {run.error}")
-    click.echo("")
-    rows = []
-    for step in run.steps or ():
-        done = sum(1 for t in step.tasks if t.status.value == "completed")
-        tasks = f"{done}/{step.initial_tasks}" if step.initial_tasks is not None else "-"
-        rows.append(
-            [
-                step.step_slug,
-                step.step_type,
-                step.status.value,
-                tasks,
-                str(step.attempts),
-                _seconds(step.started_at, step.completed_at or step.failed_at),
-                _short(step.error_message),
-            ]
-        )
-    for line in _table(["STEP", "TYPE", "STATUS", "TASKS", "ATTEMPTS", "DURATION", "ERROR"], rows):
-        click.echo(line)
 
 
 class _JsonLogFormatter(logging.Formatter):
@@ -737,7 +630,9 @@ def main() -> None:
     cli(prog_name="pgflow-sa")
 
 
-# the `schedules` group lives in its own module
+# the `runs` and `schedules` groups live in modules of their own
+from .runs_cli import runs as _runs  # noqa: E402
 from .schedules.cli import schedules as _schedules  # noqa: E402
 
+cli.add_command(_runs)
 cli.add_command(_schedules)

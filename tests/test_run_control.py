@@ -27,6 +27,7 @@ from pgflow_sa import (
 )
 
 from .apps.control_app import EVENTS_DDL, flows, long_async, long_sync, two_steps
+from .helpers import run_cli
 from .test_worker_process import WorkerProcess
 from .worker_harness import deploy
 
@@ -243,3 +244,30 @@ def _status(engine: Engine, run_id: uuid.UUID) -> RunStatus | None:
     with engine.begin() as conn:
         run = get_run(conn, run_id, steps=False)
     return None if run is None else run.status
+
+
+def test_cli_cancels_retries_and_shows_the_link(engine: Engine, prepared: str) -> None:
+    run_id = start(engine, long_async, {})
+    done = run_cli("runs", "cancel", str(run_id), "--reason", "by hand", "--database-url", prepared)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"cancelled run {run_id} of long_async: Cancelled: by hand"
+    again = run_cli("runs", "cancel", str(run_id), "--database-url", prepared)
+    assert again.returncode == 1 and again.stderr.startswith("error: run ")
+    assert "has already failed" in again.stderr and again.stderr.count("\n") == 1
+    retried = run_cli("runs", "retry", str(run_id), "--reuse-outputs", "--database-url", prepared)
+    assert retried.returncode == 0, retried.stderr
+    new_id = uuid.UUID(retried.stdout.strip())
+    shown = run_cli("runs", "show", str(run_id), "--database-url", prepared).stdout
+    assert "status    cancelled" in shown and f"retried   {new_id}" in shown
+    assert "error     Cancelled: by hand" in shown
+    shown_new = run_cli("runs", "show", str(new_id), "--database-url", prepared).stdout
+    assert f"retry of  {run_id}" in shown_new and "status    started" in shown_new
+    listed = run_cli("runs", "list", "--retry-of", str(run_id), "--database-url", prepared)
+    assert str(new_id) in listed.stdout and str(run_id) not in listed.stdout
+    cancelled = run_cli("runs", "list", "--status", "cancelled", "--database-url", prepared)
+    assert str(run_id) in cancelled.stdout and str(new_id) not in cancelled.stdout
+    with psycopg.connect(prepared) as conn:
+        (reuse,) = conn.execute(
+            "SELECT reuse_outputs FROM pgflow_sa.run_retries WHERE run_id = %s", [new_id]
+        ).fetchone()
+    assert reuse is True
