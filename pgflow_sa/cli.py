@@ -384,7 +384,8 @@ def start(
 @database_url_option
 @clean_errors
 def status(window: int, as_json: bool, database_url: str | None) -> None:
-    """Show each flow's queue, runs and live workers."""
+    """Show each flow's queue, runs (cancelled and retried too), tasks waiting on a
+    concurrency limit and live workers."""
     url = _database_url(database_url)
     schema = check_schema(url)
     if schema.state is SchemaState.MISSING:
@@ -406,12 +407,16 @@ def status(window: int, as_json: bool, database_url: str | None) -> None:
             str(f.running),
             str(f.completed),
             str(f.failed),
+            str(f.cancelled),
+            str(f.retried),
+            str(f.waiting_on_limit),
             str(f.live_workers),
             _when(f.last_heartbeat_at),
         ]
         for f in flows
     ]
     headers = ["FLOW", "QUEUED", "RUNNING", f"COMPLETED ({span})", f"FAILED ({span})"]
+    headers += [f"CANCELLED ({span})", f"RETRIED ({span})", "ON LIMIT"]
     for line in _table([*headers, "LIVE WORKERS", "LAST HEARTBEAT (UTC)"], rows):
         click.echo(line)
     if not flows:

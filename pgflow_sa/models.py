@@ -163,12 +163,17 @@ class RunEvent(_Frozen):
 class FlowStatus(_Frozen):
     """How one flow is doing (:func:`pgflow_sa.flow_status`): ``queued`` messages in its
     pgmq queue (waiting, delayed or being worked on), runs in progress, runs that
-    completed / failed within the window, workers with a recent heartbeat."""
+    completed / failed (by themselves) / were cancelled within the window, retries
+    started then, queued tasks waiting on a concurrency limit, workers with a recent
+    heartbeat."""
 
     flow_slug: str
     queued: int
     running: int
     completed: int
     failed: int
+    cancelled: int = 0
+    retried: int = 0
+    waiting_on_limit: int = 0
     live_workers: int
     last_heartbeat_at: datetime | None = None

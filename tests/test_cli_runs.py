@@ -212,6 +212,9 @@ def test_status_counts_queues_runs_and_live_workers(db_url: str) -> None:
         "running": 0,
         "completed": 0,
         "failed": 0,
+        "cancelled": 0,
+        "retried": 0,
+        "waiting_on_limit": 0,
         "live_workers": 0,
         "last_heartbeat_at": None,
     }
@@ -219,11 +222,11 @@ def test_status_counts_queues_runs_and_live_workers(db_url: str) -> None:
     assert wide.returncode == 0, wide.stderr
     header, *lines = wide.stdout.splitlines()
     assert header.split() == [
-        "FLOW", "QUEUED", "RUNNING", "COMPLETED", "(3h)", "FAILED", "(3h)", "LIVE", "WORKERS",
-        "LAST", "HEARTBEAT", "(UTC)",
+        "FLOW", "QUEUED", "RUNNING", "COMPLETED", "(3h)", "FAILED", "(3h)", "CANCELLED", "(3h)",
+        "RETRIED", "(3h)", "ON", "LIMIT", "LIVE", "WORKERS", "LAST", "HEARTBEAT", "(UTC)",
     ]  # fmt: skip
-    assert lines[0].split()[:6] == ["idle_flow", "0", "0", "0", "0", "0"]
-    assert lines[1].split()[:6] == ["shop", "3", "3", "1", "1", "1"]
+    assert lines[0].split()[:9] == ["idle_flow", "0", "0", "0", "0", "0", "0", "0", "0"]
+    assert lines[1].split()[:9] == ["shop", "3", "3", "1", "1", "0", "0", "0", "1"]
 
 
 def test_status_without_pgflow_says_to_install(empty_db_url: str) -> None:

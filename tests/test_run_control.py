@@ -3,6 +3,7 @@ transaction, served by `pgflow-sa worker` subprocesses."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -271,3 +272,37 @@ def test_cli_cancels_retries_and_shows_the_link(engine: Engine, prepared: str) -
             "SELECT reuse_outputs FROM pgflow_sa.run_retries WHERE run_id = %s", [new_id]
         ).fetchone()
     assert reuse is True
+
+
+def test_status_counts_cancellations_retries_and_tasks_waiting_on_a_limit(
+    engine: Engine, prepared: str
+) -> None:
+    cancelled = start(engine, long_async, {})
+    with engine.begin() as conn:
+        cancel_run(conn, cancelled)
+        retry_run(conn, cancelled)
+    worker_id = uuid.uuid4()
+    with psycopg.connect(prepared) as conn:
+        # the limits a worker of `limited` writes, and one task started in its place
+        conn.execute(
+            "INSERT INTO pgflow_sa.flow_limits (flow_slug, step_limits) "
+            "VALUES ('limited', '{\"call_api\": 1}')"
+        )
+        conn.execute(
+            "INSERT INTO pgflow.workers (worker_id, queue_name, function_name) "
+            "VALUES (%s, 'limited', 'test')",
+            [worker_id],
+        )
+        conn.execute("SELECT pgflow.start_flow('limited', '[1, 2, 3]'::jsonb)")
+        conn.execute(
+            "SELECT pgflow.start_tasks('limited', ARRAY(SELECT msg_id FROM "
+            "pgmq.read('limited', 60, 1)), %s)",
+            [worker_id],
+        )
+    proc = run_cli("status", "--json", "--database-url", prepared)
+    assert proc.returncode == 0, proc.stderr
+    rows = {row["flow_slug"]: row for row in json.loads(proc.stdout)}
+    assert (rows["long_async"]["cancelled"], rows["long_async"]["failed"]) == (1, 0)
+    assert rows["long_async"]["retried"] == 1 and rows["long_async"]["running"] == 1
+    assert rows["limited"]["waiting_on_limit"] == 2
+    assert rows["two_steps"]["waiting_on_limit"] == 0

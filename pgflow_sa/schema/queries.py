@@ -167,8 +167,9 @@ def notifications_enabled() -> TextClause:
 
 
 def flow_status(window_seconds: int, live_seconds: int) -> TextClause:
-    """One row per flow: the messages in its queue, runs in
-    progress, runs completed and failed in the last ``window_seconds``, and workers
+    """One row per flow: the messages in its queue, runs in progress, runs completed,
+    failed and cancelled in the last ``window_seconds`` and retries started then, the
+    queued tasks of steps at a concurrency limit (or of a flow at its own), and workers
     whose heartbeat is younger than ``live_seconds`` (not deprecated)."""
     return text(
         """
@@ -181,7 +182,36 @@ def flow_status(window_seconds: int, live_seconds: int) -> TextClause:
                    AND r.completed_at > now() - make_interval(secs => :window)) AS completed,
                (SELECT count(*) FROM pgflow.runs r
                  WHERE r.flow_slug = f.flow_slug AND r.status = 'failed'
-                   AND r.failed_at > now() - make_interval(secs => :window)) AS failed,
+                   AND r.failed_at > now() - make_interval(secs => :window)
+                   AND NOT EXISTS (SELECT 1 FROM pgflow_sa.run_cancellations c
+                                    WHERE c.run_id = r.run_id)) AS failed,
+               (SELECT count(*) FROM pgflow_sa.run_cancellations c
+                  JOIN pgflow.runs r ON r.run_id = c.run_id
+                 WHERE r.flow_slug = f.flow_slug
+                   AND c.cancelled_at > now() - make_interval(secs => :window)) AS cancelled,
+               (SELECT count(*) FROM pgflow_sa.run_retries rr
+                  JOIN pgflow.runs r ON r.run_id = rr.run_id
+                 WHERE r.flow_slug = f.flow_slug
+                   AND rr.created_at > now() - make_interval(secs => :window)) AS retried,
+               coalesce((
+                 SELECT count(*) FROM pgflow.step_tasks q
+                 WHERE q.flow_slug = f.flow_slug AND q.status = 'queued'
+                   AND (
+                     (l.max_concurrency IS NOT NULL AND l.max_concurrency <= (
+                        SELECT count(*) FROM pgflow.step_tasks s
+                        WHERE s.status = 'started' AND s.flow_slug = f.flow_slug))
+                     OR (l.step_limits ->> q.step_slug)::int <= (
+                        SELECT count(*) FROM pgflow.step_tasks s
+                        WHERE s.status = 'started' AND s.flow_slug = f.flow_slug
+                          AND s.step_slug = q.step_slug)
+                     OR (l.max_running_runs IS NOT NULL
+                         AND NOT EXISTS (SELECT 1 FROM pgflow_sa.admitted_runs a
+                                          WHERE a.run_id = q.run_id)
+                         AND l.max_running_runs <= (
+                           SELECT count(*) FROM pgflow_sa.admitted_runs a
+                             JOIN pgflow.runs ar ON ar.run_id = a.run_id
+                           WHERE a.flow_slug = f.flow_slug AND ar.status = 'started')))
+               ), 0) AS waiting_on_limit,
                (SELECT count(*) FROM pgflow.workers w
                  WHERE w.queue_name = f.flow_slug AND w.deprecated_at IS NULL
                    AND w.last_heartbeat_at > now() - make_interval(secs => :live)) AS live_workers,
@@ -189,6 +219,8 @@ def flow_status(window_seconds: int, live_seconds: int) -> TextClause:
                  WHERE w.queue_name = f.flow_slug) AS last_heartbeat_at
         FROM pgflow.flows f
         CROSS JOIN LATERAL pgmq.metrics(f.flow_slug) m
+        -- a flow without limits counts no waiting task (and reads no task)
+        LEFT JOIN pgflow_sa.flow_limits l ON l.flow_slug = f.flow_slug
         ORDER BY f.flow_slug
         """
     ).bindparams(window=window_seconds, live=live_seconds)
