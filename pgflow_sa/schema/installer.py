@@ -72,6 +72,7 @@ class SchemaStatus:
     pgmq: str  # "extension 1.13.0", "sql-only", "available as extension 1.13.0", "missing"
     realtime_send: str  # "pgflow-sa", "pgflow-sa (outdated)", "external" or "missing"
     schedules: str = "installed"  # pgflow-sa's schedules tables: "installed" or "missing"
+    runs_index: str = "installed"  # indexes.RUNS_BY_START: "installed" or "missing"
 
     def describe(self) -> list[str]:
         lines = [f"pgflow: {self.state.value}"]
@@ -88,6 +89,8 @@ class SchemaStatus:
         lines.append(f"pgmq: {self.pgmq}")
         lines.append(f"realtime.send: {self.realtime_send}")
         lines.append(f"schedules: {self.schedules}")
+        if self.state is not SchemaState.MISSING:
+            lines.append(_runs_index_line(self.runs_index, self.managed_by))
         return lines
 
 
@@ -217,6 +220,7 @@ def _publisher_description(probe: _Probe) -> str:
 
 def _status(conn: Connection, version: str) -> tuple[SchemaStatus, _Probe, set[str]]:
     probe = _probe(conn)
+    runs_index = "installed" if _has_runs_index(conn) else "missing"
     wanted = migrations(version)
     recorded = _recorded(conn, probe) if probe.has_pgflow else set()
     realtime = _publisher_description(probe)
@@ -243,6 +247,7 @@ def _status(conn: Connection, version: str) -> tuple[SchemaStatus, _Probe, set[s
             _pgmq_description(probe),
             realtime,
             schedules,
+            runs_index=runs_index,
         )
 
     if not probe.has_pgflow:
@@ -379,15 +384,30 @@ def _apply(conn: Connection, migration: Migration, skip_create_pgmq: bool) -> No
     )
 
 
+_RUNS_INDEX = f"{PGFLOW_SCHEMA}.{indexes.RUNS_BY_START}"
+
+
+def _has_runs_index(conn: Connection) -> bool:
+    return bool(
+        conn.execute(text("SELECT to_regclass(:name) IS NOT NULL"), {"name": _RUNS_INDEX}).scalar()
+    )
+
+
+def _runs_index_line(state: str, managed_by: str | None) -> str:
+    line = f"index {_RUNS_INDEX}: {state}"
+    if state == "installed":
+        return line
+    line += " (without it, listing runs and the dashboard's runs page read every run"
+    if managed_by == "external":  # install leaves another tool's schema as it is
+        return line + f"; to add it: {indexes.CREATE})"
+    return line + ": run pgflow-sa install)"
+
+
 def _install_indexes(conn: Connection, actions: list[str]) -> None:
-    name = f"{PGFLOW_SCHEMA}.{indexes.RUNS_BY_START}"
-    had = conn.execute(text("SELECT to_regclass(:name) IS NOT NULL"), {"name": name}).scalar()
+    had = _has_runs_index(conn)
     _run_script(conn, indexes.SCRIPT)
-    if (
-        not had
-        and conn.execute(text("SELECT to_regclass(:name) IS NOT NULL"), {"name": name}).scalar()
-    ):
-        actions.append(f"pgflow-sa: index {name} (runs newest first)")
+    if not had and _has_runs_index(conn):
+        actions.append(f"pgflow-sa: index {_RUNS_INDEX} (runs newest first)")
 
 
 def install(
