@@ -53,7 +53,7 @@ from pgflow_sa.dashboard import dashboard_app
 from pgflow_sa.dashboard.dag import StepNode, render_dag
 from pgflow_sa.schema import indexes
 from pgflow_sa.schema.indexes import RUNS_BY_START
-from pgflow_sa.schema.installer import install_script
+from pgflow_sa.schema.installer import SchemaState, SchemaStatus, install_script
 from pgflow_sa.testing.plugin import DatabaseFactory
 
 from .worker_harness import running_worker
@@ -658,6 +658,31 @@ def test_actions_when_enabled_refuse_cross_site_posts(dash_db: dict[str, Any]) -
             f"csrf_token={token}".encode(),
         )
         assert (status, body) == (403, "Forbidden")
+
+
+def test_actions_in_a_mount_keep_to_the_mount(dash_db: dict[str, Any]) -> None:
+    """Mounted at /pgflow: the forms post under it and the token's cookie is the
+    mount's only (the host app's other paths never see it)."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    app.mount("/pgflow", dashboard_app(dash_db["url"], allow_actions=True))
+    idle = _idle_run(dash_db["url"])
+    with serve_asgi(app) as base:
+        status, body, headers = http_response("GET", f"{base}/pgflow/runs/{idle}")
+        assert status == 200
+        assert f'action="/pgflow/runs/{idle}/actions/cancel"' in body
+        assert "Path=/pgflow/" in headers["set-cookie"], headers["set-cookie"]
+
+
+def test_install_check_on_another_tools_schema_says_how_to_add_the_index() -> None:
+    status = SchemaStatus(
+        SchemaState.INSTALLED, "0.8.1", "0.8.1", "external", (), "x", "y", runs_index="missing"
+    )
+    assert status.describe()[-1].endswith(
+        "read every run; to add it: CREATE INDEX IF NOT EXISTS pgflow_sa_runs_started_at"
+        " ON pgflow.runs (started_at, run_id))"
+    )
 
 
 def _status(url: str, run_id: uuid.UUID) -> str:
