@@ -594,7 +594,7 @@ def _is_loopback(host: str) -> bool:
 @database_url_option
 @clean_errors
 def dashboard(host: str, port: int, hide_payloads: bool, database_url: str | None) -> None:
-    """Serve the web dashboard (flows, runs, workers; read-only). Needs the
+    """Serve the web dashboard (flows, runs, schedules, workers; read-only). Needs the
     dashboard extra: pip install 'pgflow-sa[dashboard]'."""
     from .dashboard import dashboard_app
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -35,14 +37,23 @@ from sqlalchemy.dialects import postgresql
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 from werkzeug.serving import make_server
 
-from pgflow_sa import Flow, deploy_flows, install_schema, start_flow, to_sqlalchemy_url
+from pgflow_sa import (
+    Flow,
+    check_schema,
+    deploy_flows,
+    install_schema,
+    pause_schedule,
+    start_flow,
+    to_sqlalchemy_url,
+    trigger_schedule,
+)
 from pgflow_sa._db import sync_engine
 from pgflow_sa.client import _page_query
 from pgflow_sa.dashboard import dashboard_app
 from pgflow_sa.dashboard.dag import StepNode, render_dag
 from pgflow_sa.schema import indexes
 from pgflow_sa.schema.indexes import RUNS_BY_START
-from pgflow_sa.schema.installer import install_script
+from pgflow_sa.schema.installer import SchemaState, SchemaStatus, install_script
 from pgflow_sa.testing.plugin import DatabaseFactory
 
 from .worker_harness import running_worker
@@ -102,7 +113,8 @@ FLOWS = (orders, broken, held)
 
 def _sql(url: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
     with psycopg.connect(url, autocommit=True) as conn:
-        return conn.execute(query, params).fetchall()
+        cursor = conn.execute(query, params)
+        return cursor.fetchall() if cursor.description else []
 
 
 def _wait_for(predicate: Any, timeout: float = 20, what: str = "") -> Any:
@@ -177,13 +189,27 @@ def serve_wsgi(app: Any) -> Iterator[str]:
         thread.join(10)
 
 
-def http(method: str, url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
-    request = urllib.request.Request(url, method=method, headers=headers or {})
+def http(
+    method: str, url: str, headers: dict[str, str] | None = None, data: bytes | None = None
+) -> tuple[int, str]:
+    return http_response(method, url, headers, data)[:2]  # type: ignore[return-value]
+
+
+def http_response(
+    method: str, url: str, headers: dict[str, str] | None = None, data: bytes | None = None
+) -> tuple[int, str, Any]:
+    """Status, body and headers; redirects are not followed."""
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    request = urllib.request.Request(url, method=method, headers=headers or {}, data=data)
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read().decode()
+        with urllib.request.build_opener(NoRedirect).open(request, timeout=10) as response:
+            return response.status, response.read().decode(), response.headers
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+        return exc.code, exc.read().decode(), exc.headers
 
 
 @pytest.fixture(scope="module")
@@ -318,14 +344,14 @@ def test_run_pages_colour_the_dag(
     assert [t.get_attribute("data-status") for t in tasks] == ["completed"] * 3
     assert "4" in tasks[2].text  # the third element doubled
     assert len(browser.find_elements(By.CSS_SELECTOR, ".timeline .bar.completed")) == 5
-    # the 1,000-character note is cut, and "show all" shows it whole
-    details = browser.find_elements(By.CSS_SELECTOR, "details")[0]
-    assert "long long" in details.find_element(By.XPATH, "preceding-sibling::pre[1]").text
-    whole = details.find_element(By.TAG_NAME, "pre")
-    assert not whole.is_displayed()
-    details.find_element(By.TAG_NAME, "summary").click()
-    assert whole.is_displayed() and whole.text.count("long") == 200
+    # the 1,000-character note is cut, and "show all" loads it whole
+    fetch_input = browser.find_element(By.CSS_SELECTOR, "#step-fetch tr.task td.input")
+    assert "long long" in fetch_input.find_element(By.TAG_NAME, "pre").text
+    assert fetch_input.find_element(By.TAG_NAME, "pre").text.count("long") < 200
     browser.save_screenshot(str(SCREENSHOTS / "run-completed.png"))
+    fetch_input.find_element(By.CSS_SELECTOR, "a.show-all").click()
+    WebDriverWait(browser, 5).until(lambda d: d.current_url.endswith("/tasks/fetch/0/input"))
+    assert json.loads(browser.find_element(By.TAG_NAME, "body").text)["note"] == "long " * 200
 
     browser.get(f"{dashboard}/runs/{ids['failed']}")
     assert "s-failed" in _step_class(browser, "explode")
@@ -396,6 +422,97 @@ def test_workers_page(dashboard: str, dash_db: dict[str, Any], browser: webdrive
     browser.save_screenshot(str(SCREENSHOTS / "workers.png"))
 
 
+nightly = Flow("dash_nightly")
+nightly.schedule("30 2 * * *", name="dash_nightly_report", timezone="Europe/Paris", input={"n": 1})
+nightly.schedule("0 0 1 1 *", name="dash_yearly", input={"n": 2})
+
+
+@nightly.step
+def report(input: Any) -> Any:
+    return input
+
+
+def test_schedules_page(
+    databases: DatabaseFactory, template_db: str, browser: webdriver.Chrome
+) -> None:
+    """Each schedule with its state, and its latest ticks linking to their runs (a
+    database of its own: no worker serves this flow, so its runs stay started)."""
+    url = databases.create(template=template_db)
+    try:
+        deploy_flows(url, [nightly])
+        fired = trigger_schedule(url, "dash_nightly_report")
+        again = trigger_schedule(url, "dash_nightly_report")
+        pause_schedule(url, "dash_yearly")
+        with serve_asgi(dashboard_app(url)) as base:
+            browser.get(base + "/")
+            browser.find_element(By.LINK_TEXT, "Schedules").click()
+            WebDriverWait(browser, 5).until(lambda d: d.current_url.endswith("/schedules"))
+            rows = {
+                r.get_attribute("data-schedule"): r
+                for r in browser.find_elements(By.CSS_SELECTOR, "tr.schedule")
+            }
+            assert list(rows) == ["dash_nightly_report", "dash_yearly"]
+            cells = [c.text for c in rows["dash_nightly_report"].find_elements(By.TAG_NAME, "td")]
+            assert cells[:5] == [
+                "dash_nightly_report",
+                "dash_nightly",
+                "30 2 * * *",
+                "Europe/Paris",
+                "active",
+            ]
+            assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:30:00", cells[5]), cells  # 02:30 Paris
+            assert cells[6] == "—"  # a manual trigger is no tick of the cron
+            yearly = rows["dash_yearly"]
+            assert yearly.get_attribute("data-paused") == "true"
+            assert (
+                "paused" in yearly.text
+                and yearly.find_element(By.CLASS_NAME, "next-fire").text == "—"
+            )
+            ticks = browser.find_elements(By.CSS_SELECTOR, "#ticks-dash_nightly_report tr.tick")
+            assert [t.get_attribute("data-run") for t in ticks] == [str(again), str(fired)]
+            assert all(t.get_attribute("data-manual") == "true" for t in ticks)
+            assert "Not fired yet" in browser.find_element(By.ID, "ticks-dash_yearly").text
+            browser.save_screenshot(str(SCREENSHOTS / "schedules.png"))
+            ticks[1].find_element(By.TAG_NAME, "a").click()
+            WebDriverWait(browser, 5).until(lambda d: d.current_url.endswith(f"/runs/{fired}"))
+            assert "dash_nightly" in browser.find_element(By.TAG_NAME, "h1").text
+    finally:
+        databases.drop(url)
+
+
+def test_schedules_page_reads_by_index(db_url: str) -> None:
+    """The latest ticks of every schedule in one query, on the primary key: a
+    schedule with thousands of ticks costs no more than one with ten."""
+    from pgflow_sa.dashboard.schedules import TICKS_SHOWN
+    from pgflow_sa.schema.schedules import recent_ticks_statement
+
+    deploy_flows(db_url, [nightly])
+    _sql(
+        db_url,
+        "INSERT INTO pgflow_sa.schedule_runs (schedule_name, tick, flow_slug, error)"
+        " SELECT 'dash_nightly_report', now() - i * interval '1 day', 'dash_nightly', 'e' || i"
+        " FROM generate_series(1, 5000) AS i",
+    )
+    query = recent_ticks_statement(TICKS_SHOWN)
+    sql = str(query.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("ANALYZE pgflow_sa.schedule_runs")
+        rows = conn.execute(sql).fetchall()
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN (ANALYZE, COSTS OFF) " + sql))
+    assert [r[0] for r in rows] == ["dash_nightly_report"] * TICKS_SHOWN
+    assert "schedule_runs_pkey" in plan and "Seq Scan on schedule_runs" not in plan, plan
+    assert "Index Scan Backward using schedule_runs_pkey" in plan, plan
+
+
+def test_schedules_page_without_the_schedules_tables(db_url: str) -> None:
+    """A pgflow another tool installed has no schedules tables: the page says so."""
+    _sql(db_url, "DROP TABLE pgflow_sa.schedule_runs, pgflow_sa.schedules")
+    with serve_asgi(dashboard_app(db_url)) as base:
+        status, body = http("GET", base + "/schedules")
+    assert status == 200, body
+    assert 'class="muted missing"' in body and "pgflow-sa install" in body
+
+
 # --- mounts, safety ------------------------------------------------------------------
 
 
@@ -453,21 +570,123 @@ def test_flask_mount(dash_db: dict[str, Any]) -> None:
     engine.dispose()
 
 
-def test_read_only_by_default_and_actions_hook(dash_db: dict[str, Any]) -> None:
+def test_read_only_by_default(dash_db: dict[str, Any]) -> None:
+    """No action buttons, and an action's POST is a 403 saying how to enable them."""
     app = dashboard_app(dash_db["url"])
-    methods = {m for route in app.routes for m in (getattr(route, "methods", None) or ())}
-    assert methods == {"GET", "HEAD"}
-    run_id = dash_db["ids"]["running"]
+    posts = {
+        getattr(r, "path", None) for r in app.routes if "POST" in (getattr(r, "methods", 0) or ())
+    }
+    assert posts == {"/runs/{run_id}/actions/{action}"}
+    ids = dash_db["ids"]
     with serve_asgi(app) as base:
-        for path in (f"/runs/{run_id}", f"/runs/{run_id}/actions/cancel", "/runs", "/"):
-            assert http("POST", base + path)[0] in (404, 405), path
-        assert '<form method="post"' not in http("GET", f"{base}/runs/{run_id}")[1]
-    enabled = dashboard_app(dash_db["url"], allow_actions=True)
-    paths = {getattr(route, "path", None) for route in enabled.routes}
-    assert "/runs/{run_id}/actions/{name}" in paths
-    with serve_asgi(enabled) as base:
-        # no run action exists yet: the hook answers 404 for any name
-        assert http("POST", f"{base}/runs/{run_id}/actions/cancel")[0] == 404
+        for name in ("cancel", "retry", "retry_reusing_outputs", "nonsense"):
+            for run_id in (ids["failed"], ids["completed"]):
+                status, body = http("POST", f"{base}/runs/{run_id}/actions/{name}", data=b"")
+                assert status == 403 and "allow_actions=True" in body, (name, body)
+        for path in (f"/runs/{ids['failed']}", "/runs", "/"):
+            assert http("POST", base + path, data=b"")[0] == 405, path
+        for run_id in ids.values():
+            status, body, headers = http_response("GET", f"{base}/runs/{run_id}")
+            assert status == 200
+            assert "<form" not in body.replace('<form class="filters"', "")
+            assert "data-action" not in body and "csrf" not in body
+            assert headers.get("set-cookie") is None
+
+
+def _form(base: str, run_id: uuid.UUID) -> tuple[str, str, list[str]]:
+    """A run page's token cookie, its forms' token, and its action buttons."""
+    status, body, headers = http_response("GET", f"{base}/runs/{run_id}")
+    assert status == 200, body
+    cookie = headers.get("set-cookie") or ""
+    tokens = set(re.findall(r'name="csrf_token" value="([^"]+)"', body))
+    assert len(tokens) <= 1, tokens
+    return cookie, next(iter(tokens), ""), re.findall(r'data-action="([^"]+)"', body)
+
+
+def test_actions_when_enabled_refuse_cross_site_posts(dash_db: dict[str, Any]) -> None:
+    """With actions enabled: Cancel on a started run, Retry (and reusing outputs) on a
+    failed one, nothing on a completed one; a POST needs the form's token and the
+    cookie it came with, and no browser saying it comes from another site. (The
+    actions themselves: tests/test_dashboard_actions.py, with run control.)"""
+    ids = dash_db["ids"]
+    idle = _idle_run(dash_db["url"])
+    app = dashboard_app(dash_db["url"], allow_actions=True)
+    with serve_asgi(app) as base:
+        cookie, token, buttons = _form(base, idle)
+        assert buttons == ["cancel"]
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/;" in cookie
+        assert token and f"pgflow_sa_csrf={token};" in cookie
+        assert _form(base, ids["failed"])[2] == ["retry", "retry_reusing_outputs"]
+        assert _form(base, ids["completed"])[2] == []
+        # a browser that sent the cookie back gets the same token, and no new cookie
+        status, body, headers = http_response(
+            "GET", f"{base}/runs/{idle}", {"Cookie": f"pgflow_sa_csrf={token}"}
+        )
+        assert f'value="{token}"' in body and headers.get("set-cookie") is None
+
+        def post(name: str, form: str, headers: dict[str, str]) -> tuple[int, str]:
+            url = f"{base}/runs/{idle}/actions/{name}"
+            kinds = {"Content-Type": "application/x-www-form-urlencoded"}
+            return http("POST", url, {**kinds, **headers}, form.encode())
+
+        with_cookie = {"Cookie": f"pgflow_sa_csrf={token}"}
+        for form, headers in (
+            ("", with_cookie),  # no token
+            (f"csrf_token={token}", {}),  # no cookie
+            ("csrf_token=" + "x" * 43, with_cookie),  # another token
+            (f"csrf_token={token}", {**with_cookie, "Sec-Fetch-Site": "cross-site"}),
+            (f"csrf_token={token}", {**with_cookie, "Sec-Fetch-Site": "same-site"}),
+        ):
+            status, body = post("cancel", form, headers)
+            assert status == 403, (form, headers, body)
+        status, body = post("cancel", f"csrf_token={token}&x=" + "y" * 5000, with_cookie)
+        assert status == 403 and "too large" in body
+        # the token accepted: an unknown action is the next thing said
+        status, body = post(
+            "explode", f"csrf_token={token}", {**with_cookie, "Sec-Fetch-Site": "same-origin"}
+        )
+        assert status == 404 and "no run action &#39;explode&#39;" in body, body
+    assert _status(dash_db["url"], idle) == "started"
+
+    # the authentication hook comes first, for actions too
+    guarded = dashboard_app(dash_db["url"], allow_actions=True, auth=lambda request: False)
+    with serve_asgi(guarded) as base:
+        status, body = http(
+            "POST",
+            f"{base}/runs/{idle}/actions/cancel",
+            {"Cookie": f"pgflow_sa_csrf={token}"},
+            f"csrf_token={token}".encode(),
+        )
+        assert (status, body) == (403, "Forbidden")
+
+
+def test_actions_in_a_mount_keep_to_the_mount(dash_db: dict[str, Any]) -> None:
+    """Mounted at /pgflow: the forms post under it and the token's cookie is the
+    mount's only (the host app's other paths never see it)."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    app.mount("/pgflow", dashboard_app(dash_db["url"], allow_actions=True))
+    idle = _idle_run(dash_db["url"])
+    with serve_asgi(app) as base:
+        status, body, headers = http_response("GET", f"{base}/pgflow/runs/{idle}")
+        assert status == 200
+        assert f'action="/pgflow/runs/{idle}/actions/cancel"' in body
+        assert "Path=/pgflow/" in headers["set-cookie"], headers["set-cookie"]
+
+
+def test_install_check_on_another_tools_schema_says_how_to_add_the_index() -> None:
+    status = SchemaStatus(
+        SchemaState.INSTALLED, "0.8.1", "0.8.1", "external", (), "x", "y", runs_index="missing"
+    )
+    assert status.describe()[-1].endswith(
+        "read every run; to add it: CREATE INDEX IF NOT EXISTS pgflow_sa_runs_started_at"
+        " ON pgflow.runs (started_at, run_id))"
+    )
+
+
+def _status(url: str, run_id: uuid.UUID) -> str:
+    return str(_sql(url, "SELECT status FROM pgflow.runs WHERE run_id = %s", run_id)[0][0])
 
 
 def test_auth_hook_and_hidden_payloads(dash_db: dict[str, Any]) -> None:
@@ -486,6 +705,69 @@ def test_auth_hook_and_hidden_payloads(dash_db: dict[str, Any]) -> None:
         assert "&#34;n&#34;: 3" not in body and "<h2>Input</h2>" not in body
     with serve_asgi(dashboard_app(dash_db["url"])) as base:
         assert "&#34;n&#34;: 3" in http("GET", f"{base}/runs/{run_id}")[1]  # the run input
+
+
+def test_a_large_run_input_is_cut_with_show_all(
+    dash_db: dict[str, Any], browser: webdriver.Chrome
+) -> None:
+    """A run's input of half a megabyte: its page has the start of it and a "show
+    all" link to the whole; without payloads neither the page nor a route has it."""
+    big = {"rows": [{"id": i, "text": "x" * 40} for i in range(8000)]}  # ~500 KB pretty
+    run_id = _idle_run(dash_db["url"], json.dumps(big))
+    completed = dash_db["ids"]["completed"]
+    with serve_asgi(dashboard_app(dash_db["url"])) as base:
+        status, body = http("GET", f"{base}/runs/{run_id}")
+        assert status == 200 and len(body) < 50_000, len(body)
+        assert '"text": "xxxx' in body.replace("&#34;", '"')
+        assert f'<a class="show-all" href="/runs/{run_id}/input">show all (' in body
+        status, whole = http("GET", f"{base}/runs/{run_id}/input")
+        assert status == 200 and len(whole) > 490_000 and json.loads(whole) == big
+        assert json.loads(http("GET", f"{base}/runs/{completed}/output")[1]) == {"total": 6}
+        assert http("GET", f"{base}/runs/{uuid.uuid4()}/input")[0] == 404
+        # a task's input as its handler received it, and its output
+        for path, value in (
+            ("tasks/double/2/input", 2),
+            ("tasks/double/2/output", 4),
+            ("tasks/total/0/input", {"double": [0, 2, 4]}),
+            ("tasks/total/0/output", 6),
+        ):
+            status, text = http("GET", f"{base}/runs/{completed}/{path}")
+            assert status == 200 and json.loads(text) == value, (path, text)
+        for path in ("tasks/double/7/input", "tasks/nope/0/input", "tasks/total/x/input"):
+            assert http("GET", f"{base}/runs/{completed}/{path}")[0] == 404, path
+        browser.get(f"{base}/runs/{run_id}")
+        browser.find_element(By.CSS_SELECTOR, "#run-input a.show-all").click()
+        WebDriverWait(browser, 5).until(lambda d: d.current_url.endswith("/input"))
+        assert json.loads(browser.find_element(By.TAG_NAME, "body").text) == big
+    with serve_asgi(dashboard_app(dash_db["url"], show_payloads=False)) as base:
+        status, body = http("GET", f"{base}/runs/{run_id}")
+        assert status == 200 and "xxxx" not in body and "show-all" not in body
+        assert "run-input" not in body and "run-output" not in body
+        for which in ("input", "output"):
+            assert http("GET", f"{base}/runs/{run_id}/{which}")[0] == 404
+            assert http("GET", f"{base}/runs/{completed}/{which}")[0] == 404
+            assert http("GET", f"{base}/runs/{completed}/tasks/total/0/{which}")[0] == 404
+
+
+def test_install_check_reports_the_runs_index(db_url: str) -> None:
+    """`pgflow-sa install --check` says when the runs index is missing (and how to
+    add it); `install` adds it."""
+    line = "index pgflow.pgflow_sa_runs_started_at: "
+    assert line + "installed" in check_schema(db_url).describe()
+    _sql(db_url, f"DROP INDEX pgflow.{RUNS_BY_START}")
+    command = [str(Path(sys.executable).parent / "pgflow-sa"), "install", "--database-url", db_url]
+    checked = subprocess.run(
+        [*command, "--check"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr  # pgflow itself is fine
+    assert (
+        line + "missing (without it, listing runs and the dashboard's runs page read every run: "
+        "run pgflow-sa install)"
+    ) in checked.stdout.splitlines()
+    installed = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+    assert f"pgflow-sa: index pgflow.{RUNS_BY_START} (runs newest first)" in installed.stdout
+    assert line + "installed" in installed.stdout.splitlines()
+    assert line + "installed" in check_schema(db_url).describe()
 
 
 def test_bad_requests_get_clear_pages(dashboard: str) -> None:
@@ -609,14 +891,15 @@ def test_hidden_payloads_hide_what_errors_quote(dash_db: dict[str, Any]) -> None
             assert "RuntimeError: (details hidden with the payloads)" in body, path
 
 
-def _idle_run(url: str) -> uuid.UUID:
+def _idle_run(url: str, input: str = "{}") -> uuid.UUID:
     """A run that stays started whatever the tests' order: no worker serves its flow
     (the "running" run of dash_db finishes once test_running_run_turns_green_live has
     opened its gates)."""
     if not _sql(url, "SELECT 1 FROM pgflow.flows WHERE flow_slug = 'dash_idle'"):
         _sql(url, "SELECT pgflow.create_flow('dash_idle')")
         _sql(url, "SELECT pgflow.add_step('dash_idle', 'wait')")
-    run_id: uuid.UUID = _sql(url, "SELECT run_id FROM pgflow.start_flow('dash_idle', '{}')")[0][0]
+    query = "SELECT run_id FROM pgflow.start_flow('dash_idle', %s::jsonb)"
+    run_id: uuid.UUID = _sql(url, query, input)[0][0]
     return run_id
 
 
@@ -639,10 +922,10 @@ def test_a_quiet_stream_keeps_writing_and_reads_only_statuses(
     """A run that does not change still gets a comment every safety interval (a WSGI
     server learns only by writing that its client left: a silent stream was read for
     ever), and the stream reads statuses, never the run's tasks."""
-    import pgflow_sa.dashboard.app as dashboard_module
+    import pgflow_sa.dashboard.live as live_module
     import pgflow_sa.waiting as waiting_module
 
-    monkeypatch.setattr(dashboard_module, "SAFETY_INTERVAL", 0.3)
+    monkeypatch.setattr(live_module, "SAFETY_INTERVAL", 0.3)
     reads: list[str] = []
     original = waiting_module.RunWatcher._read
 

@@ -1,4 +1,4 @@
-"""A web dashboard of flows, runs and workers: ``pgflow-sa dashboard``, or
+"""A web dashboard of flows, runs, schedules and workers: ``pgflow-sa dashboard``, or
 ``dashboard_app(engine)`` mounted in an ASGI (FastAPI, Starlette) or, through an
 ASGI-to-WSGI adapter, a WSGI (Flask) application.
 
@@ -32,9 +32,10 @@ def dashboard_app(
     """The dashboard as an ASGI app on this database (an async or sync engine, or a
     URL; a sync engine or URL gets an async engine of the dashboard's own).
 
-    Read-only unless ``allow_actions`` (then run actions are POST routes; none exist
-    yet). ``show_payloads=False`` shows no run or task input or output. ``auth`` is
-    called with each Starlette request; a false answer (or awaitable of one) is a 403.
+    Read-only unless ``allow_actions`` (then a run page has Cancel or Retry buttons,
+    POST routes refusing cross-site requests). ``show_payloads=False`` shows no run
+    or task input or output. ``auth`` is called with each Starlette request; a false
+    answer (or awaitable of one) is a 403.
     """
     try:
         from .app import dashboard_app as build

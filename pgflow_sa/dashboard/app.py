@@ -3,10 +3,8 @@ run page's live colours come from server-sent events and a few lines of inline J
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import inspect
-import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,8 +15,7 @@ from typing import Any
 import jinja2
 from sqlalchemy import Engine, func, select
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
@@ -26,17 +23,16 @@ from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .._db import database_errors
 from ..client import _steps as client_steps
 from ..client import get_run_async, list_runs_async
-from ..config import async_engine_from_url
 from ..exceptions import InvalidInputError, PgflowSaError
 from ..models import RunStatus
 from ..schema import queries as client_queries
 from ..schema import tables
-from ..waiting import watcher_for
-from . import actions, views
+from . import actions, payloads, schedules, views
 from .dag import render_dag
+from .database import Database
+from .live import state_stream
 from .queries import (
     FlowCounts,
     flow_counts,
@@ -57,46 +53,12 @@ PAGE_SIZE = 50
 #: tasks shown per step on a run page (and timeline bars per step); the rest by
 #: ``?tasks_after=<task_index>``
 TASKS_SHOWN = 100
-#: a run page's event stream re-reads the run at least this often (seconds), even
-#: when no notification comes (notifications are hints and can be lost)
-SAFETY_INTERVAL = 2.0
 #: the flows page counts the runs started in this window (seconds) by status
 WINDOW_SECONDS = 3600
 #: a worker whose last heartbeat is younger than this (seconds) is live
 LIVE_SECONDS = 30
 
 Auth = Callable[[Request], "bool | Awaitable[bool]"]
-
-
-class _Database:
-    """The dashboard's async engine: the one given, or one made (on first use, in the
-    serving event loop) from a sync engine's URL or a URL. A made engine pools no
-    connections: behind a WSGI adapter no lifespan event would ever close them."""
-
-    def __init__(self, target: AsyncEngine | Engine | str | URL) -> None:
-        self._target = target
-        self._engine: AsyncEngine | None = target if isinstance(target, AsyncEngine) else None
-        self.owned = self._engine is None
-
-    @property
-    def engine(self) -> AsyncEngine:
-        if self._engine is None:
-            target = self._target
-            url = target.url if isinstance(target, Engine) else target
-            assert not isinstance(url, AsyncEngine)
-            self._engine = async_engine_from_url(url, poolclass=NullPool)
-        return self._engine
-
-    @contextlib.asynccontextmanager
-    async def connect(self) -> AsyncIterator[AsyncConnection]:
-        """A connection; database errors become pgflow-sa errors (a 503 page)."""
-        with database_errors(None, PgflowSaError):
-            async with self.engine.connect() as conn:
-                yield conn
-
-    async def dispose(self) -> None:
-        if self.owned and self._engine is not None:
-            await self._engine.dispose()
 
 
 class _Guard:
@@ -147,7 +109,7 @@ def dashboard_app(
     ASGI-to-WSGI adapter. Read-only unless ``allow_actions``; ``show_payloads=False``
     shows no run or task input and output; ``auth(request)`` returning false (or an
     awaitable of false) answers 403."""
-    db = _Database(engine)
+    db = Database(engine)
     templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
     templates.env.globals.update(
         when=views.when,
@@ -157,6 +119,7 @@ def dashboard_app(
         error_text=lambda message: views.error_text(message, show_payloads),
         allow_actions=allow_actions,
         run_actions=actions.RUN_ACTIONS if allow_actions else (),
+        token_field=actions.TOKEN_FIELD,
     )
 
     @jinja2.pass_context
@@ -277,7 +240,8 @@ def dashboard_app(
             for s in shown
         ]
         more = max(totals.values(), default=0) > after + 1 + size
-        return page(
+        token = actions.form_token(request) if allow_actions else None
+        response = page(
             request,
             "run.html",
             here="runs",
@@ -289,7 +253,11 @@ def dashboard_app(
             tasks_after=after,
             next_after=after + size if more else None,
             tasks_shown=size,
+            form_token=token,
         )
+        if token is not None:
+            actions.remember(request, response, token)
+        return response
 
     async def run_events(request: Request) -> Response:
         try:
@@ -300,10 +268,15 @@ def dashboard_app(
             if await get_run_async(conn, run_id, steps=False) is None:
                 return PlainTextResponse(f"no run {run_id}", status_code=404)
         return StreamingResponse(
-            _state_stream(db.engine, run_id),
+            state_stream(db.engine, run_id),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+
+    async def schedules_page(request: Request) -> Response:
+        async with db.connect() as conn:
+            view = await schedules.read_schedules(conn)
+        return page(request, "schedules.html", here="schedules", view=view)
 
     async def workers_page(request: Request) -> Response:
         async with db.connect() as conn:
@@ -329,10 +302,12 @@ def dashboard_app(
         Route("/runs", runs_page, name="runs"),
         Route("/runs/{run_id}", run_page, name="run"),
         Route("/runs/{run_id}/events", run_events, name="run_events"),
+        Route("/schedules", schedules_page, name="schedules"),
         Route("/workers", workers_page, name="workers"),
+        *actions.routes(db if allow_actions else None, problem),
     ]
-    if allow_actions:
-        routes.extend(actions.routes(lambda: db.engine))
+    if show_payloads:  # else the pages show none, and no route serves them
+        routes.extend(payloads.routes(db))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -347,52 +322,3 @@ def dashboard_app(
     if auth is not None:
         app.add_middleware(_Guard, auth=auth)
     return app
-
-
-async def _read_state(engine: AsyncEngine, run_id: uuid.UUID) -> dict[str, Any]:
-    async with engine.connect() as conn:
-        run = await get_run_async(conn, run_id, steps=False)
-        rows = (await conn.execute(client_queries.step_statuses([run_id]))).all()
-    return {
-        "run": run.status.value if run else None,
-        "steps": {row.step_slug: row.status for row in rows},
-    }
-
-
-async def _state_stream(engine: AsyncEngine, run_id: uuid.UUID) -> AsyncIterator[str]:
-    """Server-sent events: the run's status and its steps' statuses, whenever they
-    change, until the run finishes. The waiting machinery's hints (one LISTEN
-    connection per engine, polling when notifications are off) only wake this loop,
-    which reads no more than the statuses: on each wake-up, and every
-    SAFETY_INTERVAL (then writing a comment when nothing changed)."""
-    wake = asyncio.Event()
-
-    async def listen() -> None:
-        try:
-            async for _ in watcher_for(engine).hints(run_id):
-                wake.set()
-        except Exception as exc:  # the timed reads carry on
-            logger.debug("dashboard: watching run %s stopped: %s", run_id, exc)
-
-    watcher = asyncio.create_task(listen())
-    last: dict[str, Any] | None = None
-    try:
-        while True:
-            wake.clear()
-            state = await _read_state(engine, run_id)
-            if state != last:
-                yield f"data: {json.dumps(state)}\n\n"
-                last = state
-            else:
-                # a comment: a WSGI server learns only by writing that the client is
-                # gone (a stream left silent would read the run for ever), and
-                # proxies with idle timeouts keep the stream open
-                yield ": keep-alive\n\n"
-            if state["run"] != RunStatus.STARTED.value:
-                return
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(wake.wait(), SAFETY_INTERVAL)
-    finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await watcher

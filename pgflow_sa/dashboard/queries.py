@@ -4,6 +4,7 @@ workers. Runs and run states come from :mod:`pgflow_sa.client`."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -211,4 +212,22 @@ def task_counts(run_id: Any) -> Select[Any]:
         .where(step_tasks.c.run_id == run_id)
         .group_by(step_tasks.c.step_slug, step_tasks.c.status)
         .order_by(step_tasks.c.step_slug, step_tasks.c.status)
+    )
+
+
+def task_with_deps(
+    run_id: Any, step_slug: str, task_index: int, deps: Sequence[str]
+) -> Select[Any]:
+    """One task, and every task of the steps it depends on (what its input was made
+    of), by primary key."""
+    return (
+        select(step_tasks)
+        .where(
+            step_tasks.c.run_id == run_id,
+            or_(
+                and_(step_tasks.c.step_slug == step_slug, step_tasks.c.task_index == task_index),
+                step_tasks.c.step_slug.in_(list(deps)),
+            ),
+        )
+        .order_by(step_tasks.c.step_slug, step_tasks.c.task_index)
     )

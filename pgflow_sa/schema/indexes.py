@@ -12,11 +12,13 @@ from .names import PGFLOW_SCHEMA
 
 RUNS_BY_START = "pgflow_sa_runs_started_at"
 
+CREATE = f"CREATE INDEX IF NOT EXISTS {RUNS_BY_START} ON {PGFLOW_SCHEMA}.runs (started_at, run_id)"
+
 #: idempotent, and a no-op while pgflow.runs does not exist (a staged install)
 SCRIPT = (
     "DO $pgflow_sa$ BEGIN\n"
     f"  IF to_regclass('{PGFLOW_SCHEMA}.runs') IS NOT NULL THEN\n"
-    f"    CREATE INDEX IF NOT EXISTS {RUNS_BY_START} ON {PGFLOW_SCHEMA}.runs (started_at, run_id);\n"
+    f"    {CREATE};\n"
     "  END IF;\n"
     "END $pgflow_sa$;"
 )

@@ -81,6 +81,7 @@ class SchemaStatus:
     pgmq: str  # "extension 1.13.0", "sql-only", "available as extension 1.13.0", "missing"
     realtime_send: str  # "pgflow-sa", "pgflow-sa (outdated)", "external" or "missing"
     tables: str = "installed"  # pgflow-sa's own tables: "installed" or "missing"
+    runs_index: str = "installed"  # indexes.RUNS_BY_START: "installed" or "missing"
 
     def describe(self) -> list[str]:
         lines = [f"pgflow: {self.state.value}"]
@@ -97,6 +98,8 @@ class SchemaStatus:
         lines.append(f"pgmq: {self.pgmq}")
         lines.append(f"realtime.send: {self.realtime_send}")
         lines.append(f"pgflow-sa tables: {self.tables}")
+        if self.state is not SchemaState.MISSING:
+            lines.append(_runs_index_line(self.runs_index, self.managed_by))
         return lines
 
 
@@ -230,6 +233,7 @@ def _publisher_description(probe: _Probe) -> str:
 
 def _status(conn: Connection, version: str) -> tuple[SchemaStatus, _Probe, set[str]]:
     probe = _probe(conn)
+    runs_index = "installed" if _has_runs_index(conn) else "missing"
     wanted = migrations(version)
     recorded = _recorded(conn, probe) if probe.has_pgflow else set()
     realtime = _publisher_description(probe)
@@ -256,6 +260,7 @@ def _status(conn: Connection, version: str) -> tuple[SchemaStatus, _Probe, set[s
             _pgmq_description(probe),
             realtime,
             tables,
+            runs_index=runs_index,
         )
 
     if not probe.has_pgflow:
@@ -400,15 +405,30 @@ def _apply(conn: Connection, migration: Migration, skip_create_pgmq: bool) -> No
     )
 
 
+_RUNS_INDEX = f"{PGFLOW_SCHEMA}.{indexes.RUNS_BY_START}"
+
+
+def _has_runs_index(conn: Connection) -> bool:
+    return bool(
+        conn.execute(text("SELECT to_regclass(:name) IS NOT NULL"), {"name": _RUNS_INDEX}).scalar()
+    )
+
+
+def _runs_index_line(state: str, managed_by: str | None) -> str:
+    line = f"index {_RUNS_INDEX}: {state}"
+    if state == "installed":
+        return line
+    line += " (without it, listing runs and the dashboard's runs page read every run"
+    if managed_by == "external":  # install leaves another tool's schema as it is
+        return line + f"; to add it: {indexes.CREATE})"
+    return line + ": run pgflow-sa install)"
+
+
 def _install_indexes(conn: Connection, actions: list[str]) -> None:
-    name = f"{PGFLOW_SCHEMA}.{indexes.RUNS_BY_START}"
-    had = conn.execute(text("SELECT to_regclass(:name) IS NOT NULL"), {"name": name}).scalar()
+    had = _has_runs_index(conn)
     _run_script(conn, indexes.SCRIPT)
-    if (
-        not had
-        and conn.execute(text("SELECT to_regclass(:name) IS NOT NULL"), {"name": name}).scalar()
-    ):
-        actions.append(f"pgflow-sa: index {name} (runs newest first)")
+    if not had and _has_runs_index(conn):
+        actions.append(f"pgflow-sa: index {_RUNS_INDEX} (runs newest first)")
 
 
 def install(

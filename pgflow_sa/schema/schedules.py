@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, select, text
+from sqlalchemy import Connection, func, select, text, true
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.sql import Executable
 
@@ -155,6 +155,24 @@ def exists_one_statement(name: str) -> Executable:
 def recent_runs_statement(name: str, limit: int) -> Executable:
     return (
         select(runs).where(runs.c.schedule_name == name).order_by(runs.c.tick.desc()).limit(limit)
+    )
+
+
+def recent_ticks_statement(per_schedule: int) -> Executable:
+    """The latest ``per_schedule`` ticks of every schedule, by schedule name and
+    newest first: one query, each schedule's ticks read backwards on the primary
+    key (schedule_name, tick), however many ticks are kept."""
+    latest = (
+        select(runs)
+        .where(runs.c.schedule_name == s.c.name)
+        .order_by(runs.c.tick.desc())
+        .limit(per_schedule)
+        .lateral("latest")
+    )
+    return (
+        select(latest)
+        .select_from(s.join(latest, true()))
+        .order_by(latest.c.schedule_name, latest.c.tick.desc())
     )
 
 
