@@ -96,6 +96,21 @@ WORKER_GRANTS: tuple[Grant, ...] = (
         "TABLE pgflow_sa.schedule_runs",
         "each fired tick is claimed once, with the run it started (or why none started)",
     ),
+    Grant(
+        "SELECT",
+        "TABLE pgflow_sa.run_cancellations, pgflow_sa.run_retries",
+        "runs read back with their cancellation; a retry's claims reuse outputs",
+    ),
+    Grant(
+        "SELECT, INSERT, UPDATE, DELETE",
+        "TABLE pgflow_sa.flow_limits",
+        "a worker writes its flows' concurrency limits; claims read them",
+    ),
+    Grant(
+        "SELECT, INSERT, DELETE",
+        "TABLE pgflow_sa.admitted_runs",
+        "claims under a run limit admit runs and forget finished ones",
+    ),
 )
 
 #: What an app does with pgflow_sa.start_flow, get_run, list_runs, flow_status,
@@ -117,21 +132,34 @@ CLIENT_GRANTS: tuple[Grant, ...] = (
     ),
     Grant(
         "SELECT, INSERT (run_id, flow_slug, input, remaining_steps), "
-        "UPDATE (status, output, remaining_steps, completed_at)",
+        "UPDATE (status, output, remaining_steps, completed_at, failed_at)",
         "TABLE pgflow.runs",
-        "reading runs; start_flow creates the run (and completes a run with no tasks)",
+        "reading runs; start_flow creates the run (and completes a run with no tasks); "
+        "cancel_run fails it",
     ),
     Grant(
         "SELECT, INSERT (flow_slug, run_id, step_slug, remaining_deps, initial_tasks), "
         "UPDATE (status, remaining_tasks, remaining_deps, initial_tasks, started_at, "
-        "completed_at)",
+        "completed_at, failed_at, error_message)",
         "TABLE pgflow.step_states",
-        "reading runs; start_flow creates the step states and starts the root steps",
+        "reading runs; start_flow creates the step states and starts the root steps; "
+        "cancel_run fails the started ones",
     ),
     Grant(
-        f"SELECT, INSERT ({_TASK_KEY})",
+        f"SELECT, INSERT ({_TASK_KEY}), UPDATE (status, failed_at, error_message)",
         "TABLE pgflow.step_tasks",
-        "reading runs; start_flow queues the root steps' tasks",
+        "reading runs; start_flow queues the root steps' tasks; cancel_run fails the "
+        "unfinished ones",
+    ),
+    Grant(
+        "SELECT, INSERT",
+        "TABLE pgflow_sa.run_cancellations, pgflow_sa.run_retries",
+        "cancel_run and retry_run record what they did; runs are read back with it",
+    ),
+    Grant(
+        "SELECT",
+        "TABLE pgflow_sa.flow_limits, pgflow_sa.admitted_runs",
+        "flow_status counts the tasks waiting on a concurrency limit",
     ),
     Grant(
         "SELECT, UPDATE (paused, next_fire_at, updated_at)",
@@ -148,7 +176,8 @@ CLIENT_GRANTS: tuple[Grant, ...] = (
 #: On every queue table of a flow (``pgmq.q_<flow>`` and ``pgmq.a_<flow>``): default
 #: privileges cannot tell the two apart, so both get the same.
 WORKER_QUEUE_TABLES = "SELECT, INSERT, UPDATE, DELETE"
-CLIENT_QUEUE_TABLES = "SELECT, INSERT"
+#: (DELETE: cancel_run archives the run's messages, as pgflow does when a run fails)
+CLIENT_QUEUE_TABLES = "SELECT, INSERT, DELETE"
 #: On each ``pgmq.q_<flow>_msg_id_seq``: pgmq.metrics (flow_status) reads it.
 CLIENT_QUEUE_SEQUENCES = "SELECT"
 
