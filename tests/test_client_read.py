@@ -161,7 +161,8 @@ async def test_list_runs_filters_and_pages(engine: AsyncEngine, db_url: str) -> 
         assert len(list_runs(conn, flow="mapper", started_after=cutoff).runs) == 3
         assert len(list_runs(conn, flow="mapper", started_before=cutoff).runs) == 2
         with pytest.raises(
-            InvalidInputError, match="status must be one of started, completed, failed, cancelled, not 'done'"
+            InvalidInputError,
+            match="status must be one of started, completed, failed, cancelled, not 'done'",
         ):
             list_runs(conn, status="done")
         with pytest.raises(InvalidInputError, match="limit must be between 1 and 1000, not 0"):
