@@ -92,6 +92,8 @@ class Poller:
         self.worker_id = worker_id
         self.wake = asyncio.Event()
         self._engine = autocommit(engine)
+        #: limited claims take a transaction-level lock: a real transaction
+        self._tx_engine = engine
         self._settings = settings
         self._budget = budget
         self._launch = launch
@@ -261,8 +263,9 @@ class Poller:
             # both times are the database's: no clock skew
             visible_in = (first.next_visible_at - first.started_at).total_seconds()
         if first.held_back:
-            # a task of another worker that ends frees room without a notification
-            visible_in = min(visible_in, LIMIT_POLL_INTERVAL) if visible_in else LIMIT_POLL_INTERVAL
+            # a task of another worker that ends frees room without a notification (the
+            # messages held back are visible: next_visible_at says nothing then)
+            visible_in = LIMIT_POLL_INTERVAL
             if self._held_back_since is None:
                 self._held_back_since = time.monotonic()
                 events.emit("limit.wait", flow_slug=self.flow.slug)
@@ -282,6 +285,6 @@ class Poller:
             async with self._engine.begin() as conn:
                 return list((await conn.execute(*statement)).all())
         statement = worker_queries.limited_claim(self.flow.slug, margin, qty, self.worker_id)
-        async with self._engine.begin() as conn:
+        async with self._tx_engine.begin() as conn:
             await conn.execute(*worker_queries.limits_lock_key(self.flow.slug))
             return list((await conn.execute(*statement)).all())
