@@ -1,0 +1,101 @@
+"""Adversarial review of run control and concurrency limits: each test reproduces one
+finding through public means (real workers, real PostgreSQL). A test marked xfail
+(strict) shows a defect still present: it starts passing, and so failing, when fixed."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from .apps.control_app import EVENTS_DDL
+from .apps.review_app import flows
+from .test_limits import _most_at_once, _task_intervals
+from .test_run_control import wait_until
+from .test_worker_process import WorkerProcess
+from .worker_harness import deploy
+
+
+@pytest.fixture
+def prepared(db_url: str) -> str:
+    deploy(db_url, *flows)
+    with psycopg.connect(db_url) as conn:
+        conn.execute(EVENTS_DDL)
+    return db_url
+
+
+def _workers(url: str, tmp_path: Path, count: int, **env: str) -> list[WorkerProcess]:
+    extra = {"TEST_DATABASE_URL": url, "PGFLOW_SA_WORKER_SHUTDOWN_TIMEOUT": "1", **env}
+    return [
+        WorkerProcess(url, tmp_path / f"w{i}.log", extra, app="review_app:flows")
+        for i in range(count)
+    ]
+
+
+@pytest.fixture
+def two_workers(prepared: str, tmp_path: Path) -> Iterator[list[WorkerProcess]]:
+    workers = _workers(prepared, tmp_path, 2)
+    yield workers
+    for worker in workers:
+        worker.stop()
+    for worker in workers:
+        print(worker.output())
+
+
+def _start(url: str, flow: str, inputs: list[object]) -> list[uuid.UUID]:
+    with psycopg.connect(url) as conn:
+        return [
+            conn.execute(
+                "SELECT run_id FROM pgflow.start_flow(%s, %s)", [flow, Jsonb(value)]
+            ).fetchone()[0]
+            for value in inputs
+        ]
+
+
+def _registered(url: str, count: int) -> bool:
+    with psycopg.connect(url) as conn:
+        (n,) = conn.execute(
+            "SELECT count(DISTINCT worker_id) FROM pgflow.workers WHERE deprecated_at IS NULL"
+        ).fetchone()
+    return bool(n >= count)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="limited claims are not serialized: the advisory lock is taken on an "
+    "AUTOCOMMIT connection (claim.Poller._engine = pooler.autocommit(engine)), so "
+    "pg_advisory_xact_lock is released when its own statement ends; a second claim "
+    "skips the first one's locked scan window (LIMITED_SCAN_MIN messages) and starts a "
+    "task beyond it, counting started tasks in a snapshot without the first one's",
+)
+def test_a_step_limit_of_one_holds_while_one_claim_is_slow(
+    prepared: str, two_workers: list[WorkerProcess]
+) -> None:
+    wait_until(lambda: _registered(prepared, 2), what="two workers")
+    (run_id,) = _start(prepared, "gate", [list(range(150))])  # more than the scan window
+    # task 0's message is the first any claim picks; its start_tasks then waits for
+    # this row lock (a slow claim: a busy server), while it should hold the flow's
+    # advisory lock so that no other claim of the flow runs
+    with psycopg.connect(prepared) as blocker:
+        blocker.execute(
+            "SELECT 1 FROM pgflow.step_tasks WHERE run_id = %s AND task_index = 0 FOR UPDATE",
+            [run_id],
+        )
+        time.sleep(5)  # the messages are visible after 2 s; every worker has claimed since
+        with psycopg.connect(prepared) as conn:
+            (started,) = conn.execute(
+                "SELECT count(*) FROM pgflow.step_tasks WHERE flow_slug = 'gate' "
+                "AND status = 'started'"
+            ).fetchone()
+        blocker.commit()
+    wait_until(lambda: _task_intervals(prepared, "slot"), what="a task")
+    time.sleep(1)  # task 0 starts now
+    assert started == 0
+    still_running = [(s, e or s + timedelta(days=1)) for s, e in _task_intervals(prepared, "slot")]
+    assert _most_at_once(still_running) == 1
