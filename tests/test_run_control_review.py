@@ -4,6 +4,7 @@ finding through public means (real workers, real PostgreSQL). A test marked xfai
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,6 +14,10 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg.types.json import Jsonb
+from sqlalchemy import create_engine
+
+from pgflow_sa import cancel_run, to_sqlalchemy_url
+from pgflow_sa.schema import worker_queries
 
 from .apps.control_app import EVENTS_DDL
 from .apps.review_app import flows
@@ -99,3 +104,61 @@ def test_a_step_limit_of_one_holds_while_one_claim_is_slow(
     assert started == 0
     still_running = [(s, e or s + timedelta(days=1)) for s, e in _task_intervals(prepared, "slot")]
     assert _most_at_once(still_running) == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="lock-order inversion: cancel's statement locks the run's step_tasks rows "
+    "first and its queue messages second (pgmq.archive), a worker's claim its messages "
+    "first (pgmq.read) and their step_tasks second (start_tasks): a cancel of a run "
+    "whose tasks are being claimed deadlocks (seen in 3 of 10 cancels of 200-task runs "
+    "with 3 workers)",
+)
+def test_cancel_racing_a_claim_of_the_same_run_does_not_deadlock(prepared: str) -> None:
+    engine = create_engine(to_sqlalchemy_url(prepared, "psycopg"))
+    worker_id = uuid.uuid4()
+    with engine.begin() as conn:
+        conn.execute(
+            worker_queries.register_workers(
+                [{"worker_id": worker_id, "queue_name": "wide", "function_name": "review"}]
+            )
+        )
+    (run_id,) = _start(prepared, "wide", [[1, 2, 3]])
+    errors: list[str] = []
+
+    def cancel() -> None:
+        try:
+            with engine.begin() as conn:
+                cancel_run(conn, run_id, reason="race")
+        except Exception as exc:
+            errors.append(f"cancel: {exc}")
+
+    def claim() -> None:
+        try:
+            with engine.connect() as conn:
+                conn.execute(*worker_queries.claim("wide", 5, 10, worker_id)).all()
+                conn.commit()
+        except Exception as exc:
+            errors.append(f"claim: {exc}")
+
+    # the same interleaving as under load, made certain by holding the first message:
+    # the cancel fails the tasks, then waits at the first message; the claim skips
+    # it, reads the others and waits for their tasks; the first message is let go
+    with psycopg.connect(prepared) as holder:
+        holder.execute("SELECT 1 FROM pgmq.q_wide ORDER BY msg_id LIMIT 1 FOR UPDATE")
+        cancelling = threading.Thread(target=cancel)
+        cancelling.start()
+        time.sleep(0.5)
+        claiming = threading.Thread(target=claim)
+        claiming.start()
+        time.sleep(0.5)
+        holder.commit()
+    cancelling.join(30)
+    claiming.join(30)
+    engine.dispose()
+    assert errors == []
+    with psycopg.connect(prepared) as conn:
+        (status,) = conn.execute(
+            "SELECT status FROM pgflow.runs WHERE run_id = %s", [run_id]
+        ).fetchone()
+    assert status == "failed"
