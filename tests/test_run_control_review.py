@@ -162,3 +162,56 @@ def test_cancel_racing_a_claim_of_the_same_run_does_not_deadlock(prepared: str) 
             "SELECT status FROM pgflow.runs WHERE run_id = %s", [run_id]
         ).fetchone()
     assert status == "failed"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="complete_fenced reads the run's status for its CASE in the statement's "
+    "snapshot, taken before it waited for the run's lock: a run failed meanwhile by "
+    "another task looks in progress, pgflow's complete_task then refuses to touch the "
+    "failed run, and the task stays 'started' (counted against a concurrency limit) "
+    "while the worker believes it settled",
+)
+def test_a_completion_waiting_for_the_failure_of_its_run_ends_its_task(prepared: str) -> None:
+    engine = create_engine(to_sqlalchemy_url(prepared, "psycopg"))
+    worker_id = uuid.uuid4()
+    with engine.begin() as conn:
+        conn.execute(
+            worker_queries.register_workers(
+                [{"worker_id": worker_id, "queue_name": "fork", "function_name": "review"}]
+            )
+        )
+    (run_id,) = _start(prepared, "fork", [{}])
+    with engine.begin() as conn:  # the plain claim: fork's limits were never stored
+        rows = conn.execute(*worker_queries.claim("fork", 5, 10, worker_id)).all()
+    fences = {
+        r.step_slug: (r.run_id, r.step_slug, r.task_index, worker_id, r.started_at) for r in rows
+    }
+    assert set(fences) == {"left", "right"}
+    settled: list[object] = []
+
+    def complete_left() -> None:
+        with engine.connect() as conn:
+            settled.extend(conn.execute(*worker_queries.complete_fenced([fences["left"]], [1])))
+            conn.commit()
+
+    with engine.connect() as failing:
+        # right's last attempt fails the run; left's completion starts meanwhile and
+        # waits for the run's lock
+        failing.execute(*worker_queries.fail_fenced([fences["right"]], ["right fails"]))
+        completing = threading.Thread(target=complete_left)
+        completing.start()
+        time.sleep(0.5)
+        failing.commit()
+    completing.join(30)
+    engine.dispose()
+    with psycopg.connect(prepared) as conn:
+        (run_status,) = conn.execute(
+            "SELECT status FROM pgflow.runs WHERE run_id = %s", [run_id]
+        ).fetchone()
+        (left_status,) = conn.execute(
+            "SELECT status FROM pgflow.step_tasks WHERE run_id = %s AND step_slug = 'left'",
+            [run_id],
+        ).fetchone()
+    assert run_status == "failed" and len(settled) == 1  # the worker counts it settled
+    assert left_status != "started"

@@ -53,4 +53,18 @@ def after_wide(input: Any, ctx: Context) -> int:
     return len(input["element"])
 
 
-flows = FlowRegistry(gate, wide)
+# two root steps, no retries: one failing fails the run while the other is settled
+fork = Flow("fork", max_attempts=1)
+
+
+@fork.step(max_concurrency=1)
+def left(input: Any, ctx: Context) -> int:
+    return 1
+
+
+@fork.step
+def right(input: Any, ctx: Context) -> int:
+    raise RuntimeError("right fails")
+
+
+flows = FlowRegistry(gate, wide, fork)
