@@ -16,7 +16,7 @@ import pytest
 from psycopg.types.json import Jsonb
 from sqlalchemy import create_engine
 
-from pgflow_sa import cancel_run, to_sqlalchemy_url
+from pgflow_sa import cancel_run, get_run, to_sqlalchemy_url
 from pgflow_sa.schema import worker_queries
 
 from .apps.control_app import EVENTS_DDL
@@ -215,3 +215,32 @@ def test_a_completion_waiting_for_the_failure_of_its_run_ends_its_task(prepared:
         ).fetchone()
     assert run_status == "failed" and len(settled) == 1  # the worker counts it settled
     assert left_status != "started"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="get_run, list_runs and cancel_run on a database without pgflow-sa's "
+    "run-control tables (installed by an older pgflow-sa, or pgflow installed by another "
+    "tool) fail with PostgreSQL's bare 'relation ... does not exist'; the worker says "
+    "what to do, the client does not (and get_run worked there before)",
+)
+def test_the_client_says_what_to_do_when_the_run_control_tables_are_missing(
+    prepared: str,
+) -> None:
+    (run_id,) = _start(prepared, "wide", [[1]])
+    with psycopg.connect(prepared) as conn:
+        conn.execute(
+            "DROP TABLE pgflow_sa.run_cancellations, pgflow_sa.run_retries, "
+            "pgflow_sa.flow_limits, pgflow_sa.admitted_runs"
+        )
+    engine = create_engine(to_sqlalchemy_url(prepared, "psycopg"))
+    error = ""
+    try:
+        with engine.begin() as conn:
+            run = get_run(conn, run_id)
+        assert run is not None
+    except Exception as exc:
+        error = str(exc)
+    finally:
+        engine.dispose()
+    assert not error or "pgflow-sa install" in error, error
