@@ -1,0 +1,246 @@
+"""Adversarial review of run control and concurrency limits: each test reproduces one
+finding through public means (real workers, real PostgreSQL). A test marked xfail
+(strict) shows a defect still present: it starts passing, and so failing, when fixed."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+from sqlalchemy import create_engine
+
+from pgflow_sa import cancel_run, get_run, to_sqlalchemy_url
+from pgflow_sa.schema import worker_queries
+
+from .apps.control_app import EVENTS_DDL
+from .apps.review_app import flows
+from .test_limits import _most_at_once, _task_intervals
+from .test_run_control import wait_until
+from .test_worker_process import WorkerProcess
+from .worker_harness import deploy
+
+
+@pytest.fixture
+def prepared(db_url: str) -> str:
+    deploy(db_url, *flows)
+    with psycopg.connect(db_url) as conn:
+        conn.execute(EVENTS_DDL)
+    return db_url
+
+
+def _workers(url: str, tmp_path: Path, count: int, **env: str) -> list[WorkerProcess]:
+    extra = {"TEST_DATABASE_URL": url, "PGFLOW_SA_WORKER_SHUTDOWN_TIMEOUT": "1", **env}
+    return [
+        WorkerProcess(url, tmp_path / f"w{i}.log", extra, app="review_app:flows")
+        for i in range(count)
+    ]
+
+
+@pytest.fixture
+def two_workers(prepared: str, tmp_path: Path) -> Iterator[list[WorkerProcess]]:
+    workers = _workers(prepared, tmp_path, 2)
+    yield workers
+    for worker in workers:
+        worker.stop()
+    for worker in workers:
+        print(worker.output())
+
+
+def _start(url: str, flow: str, inputs: list[object]) -> list[uuid.UUID]:
+    with psycopg.connect(url) as conn:
+        return [
+            conn.execute(
+                "SELECT run_id FROM pgflow.start_flow(%s, %s)", [flow, Jsonb(value)]
+            ).fetchone()[0]
+            for value in inputs
+        ]
+
+
+def _registered(url: str, count: int) -> bool:
+    with psycopg.connect(url) as conn:
+        (n,) = conn.execute(
+            "SELECT count(DISTINCT worker_id) FROM pgflow.workers WHERE deprecated_at IS NULL"
+        ).fetchone()
+    return bool(n >= count)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="limited claims are not serialized: the advisory lock is taken on an "
+    "AUTOCOMMIT connection (claim.Poller._engine = pooler.autocommit(engine)), so "
+    "pg_advisory_xact_lock is released when its own statement ends; a second claim "
+    "skips the first one's locked scan window (LIMITED_SCAN_MIN messages) and starts a "
+    "task beyond it, counting started tasks in a snapshot without the first one's",
+)
+def test_a_step_limit_of_one_holds_while_one_claim_is_slow(
+    prepared: str, two_workers: list[WorkerProcess]
+) -> None:
+    wait_until(lambda: _registered(prepared, 2), what="two workers")
+    (run_id,) = _start(prepared, "gate", [list(range(150))])  # more than the scan window
+    # task 0's message is the first any claim picks; its start_tasks then waits for
+    # this row lock (a slow claim: a busy server), while it should hold the flow's
+    # advisory lock so that no other claim of the flow runs
+    with psycopg.connect(prepared) as blocker:
+        blocker.execute(
+            "SELECT 1 FROM pgflow.step_tasks WHERE run_id = %s AND task_index = 0 FOR UPDATE",
+            [run_id],
+        )
+        time.sleep(5)  # the messages are visible after 2 s; every worker has claimed since
+        with psycopg.connect(prepared) as conn:
+            (started,) = conn.execute(
+                "SELECT count(*) FROM pgflow.step_tasks WHERE flow_slug = 'gate' "
+                "AND status = 'started'"
+            ).fetchone()
+        blocker.commit()
+    wait_until(lambda: _task_intervals(prepared, "slot"), what="a task")
+    time.sleep(1)  # task 0 starts now
+    assert started == 0
+    still_running = [(s, e or s + timedelta(days=1)) for s, e in _task_intervals(prepared, "slot")]
+    assert _most_at_once(still_running) == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="lock-order inversion: cancel's statement locks the run's step_tasks rows "
+    "first and its queue messages second (pgmq.archive), a worker's claim its messages "
+    "first (pgmq.read) and their step_tasks second (start_tasks): a cancel of a run "
+    "whose tasks are being claimed deadlocks (seen in 3 of 10 cancels of 200-task runs "
+    "with 3 workers)",
+)
+def test_cancel_racing_a_claim_of_the_same_run_does_not_deadlock(prepared: str) -> None:
+    engine = create_engine(to_sqlalchemy_url(prepared, "psycopg"))
+    worker_id = uuid.uuid4()
+    with engine.begin() as conn:
+        conn.execute(
+            worker_queries.register_workers(
+                [{"worker_id": worker_id, "queue_name": "wide", "function_name": "review"}]
+            )
+        )
+    (run_id,) = _start(prepared, "wide", [[1, 2, 3]])
+    errors: list[str] = []
+
+    def cancel() -> None:
+        try:
+            with engine.begin() as conn:
+                cancel_run(conn, run_id, reason="race")
+        except Exception as exc:
+            errors.append(f"cancel: {exc}")
+
+    def claim() -> None:
+        try:
+            with engine.connect() as conn:
+                conn.execute(*worker_queries.claim("wide", 5, 10, worker_id)).all()
+                conn.commit()
+        except Exception as exc:
+            errors.append(f"claim: {exc}")
+
+    # the same interleaving as under load, made certain by holding the first message:
+    # the cancel fails the tasks, then waits at the first message; the claim skips
+    # it, reads the others and waits for their tasks; the first message is let go
+    with psycopg.connect(prepared) as holder:
+        holder.execute("SELECT 1 FROM pgmq.q_wide ORDER BY msg_id LIMIT 1 FOR UPDATE")
+        cancelling = threading.Thread(target=cancel)
+        cancelling.start()
+        time.sleep(0.5)
+        claiming = threading.Thread(target=claim)
+        claiming.start()
+        time.sleep(0.5)
+        holder.commit()
+    cancelling.join(30)
+    claiming.join(30)
+    engine.dispose()
+    assert errors == []
+    with psycopg.connect(prepared) as conn:
+        (status,) = conn.execute(
+            "SELECT status FROM pgflow.runs WHERE run_id = %s", [run_id]
+        ).fetchone()
+    assert status == "failed"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="complete_fenced reads the run's status for its CASE in the statement's "
+    "snapshot, taken before it waited for the run's lock: a run failed meanwhile by "
+    "another task looks in progress, pgflow's complete_task then refuses to touch the "
+    "failed run, and the task stays 'started' (counted against a concurrency limit) "
+    "while the worker believes it settled",
+)
+def test_a_completion_waiting_for_the_failure_of_its_run_ends_its_task(prepared: str) -> None:
+    engine = create_engine(to_sqlalchemy_url(prepared, "psycopg"))
+    worker_id = uuid.uuid4()
+    with engine.begin() as conn:
+        conn.execute(
+            worker_queries.register_workers(
+                [{"worker_id": worker_id, "queue_name": "fork", "function_name": "review"}]
+            )
+        )
+    (run_id,) = _start(prepared, "fork", [{}])
+    with engine.begin() as conn:  # the plain claim: fork's limits were never stored
+        rows = conn.execute(*worker_queries.claim("fork", 5, 10, worker_id)).all()
+    fences = {
+        r.step_slug: (r.run_id, r.step_slug, r.task_index, worker_id, r.started_at) for r in rows
+    }
+    assert set(fences) == {"left", "right"}
+    settled: list[object] = []
+
+    def complete_left() -> None:
+        with engine.connect() as conn:
+            settled.extend(conn.execute(*worker_queries.complete_fenced([fences["left"]], [1])))
+            conn.commit()
+
+    with engine.connect() as failing:
+        # right's last attempt fails the run; left's completion starts meanwhile and
+        # waits for the run's lock
+        failing.execute(*worker_queries.fail_fenced([fences["right"]], ["right fails"]))
+        completing = threading.Thread(target=complete_left)
+        completing.start()
+        time.sleep(0.5)
+        failing.commit()
+    completing.join(30)
+    engine.dispose()
+    with psycopg.connect(prepared) as conn:
+        (run_status,) = conn.execute(
+            "SELECT status FROM pgflow.runs WHERE run_id = %s", [run_id]
+        ).fetchone()
+        (left_status,) = conn.execute(
+            "SELECT status FROM pgflow.step_tasks WHERE run_id = %s AND step_slug = 'left'",
+            [run_id],
+        ).fetchone()
+    assert run_status == "failed" and len(settled) == 1  # the worker counts it settled
+    assert left_status != "started"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="get_run, list_runs and cancel_run on a database without pgflow-sa's "
+    "run-control tables (installed by an older pgflow-sa, or pgflow installed by another "
+    "tool) fail with PostgreSQL's bare 'relation ... does not exist'; the worker says "
+    "what to do, the client does not (and get_run worked there before)",
+)
+def test_the_client_says_what_to_do_when_the_run_control_tables_are_missing(
+    prepared: str,
+) -> None:
+    (run_id,) = _start(prepared, "wide", [[1]])
+    with psycopg.connect(prepared) as conn:
+        conn.execute(
+            "DROP TABLE pgflow_sa.run_cancellations, pgflow_sa.run_retries, "
+            "pgflow_sa.flow_limits, pgflow_sa.admitted_runs"
+        )
+    engine = create_engine(to_sqlalchemy_url(prepared, "psycopg"))
+    error = ""
+    try:
+        with engine.begin() as conn:
+            run = get_run(conn, run_id)
+        assert run is not None
+    except Exception as exc:
+        error = str(exc)
+    finally:
+        engine.dispose()
+    assert not error or "pgflow-sa install" in error, error
