@@ -149,7 +149,22 @@ def database_errors(url: str | URL | None, error: type[PgflowSaError]) -> Iterat
     except DRIVER_ERRORS as exc:
         if classify(exc) is ErrorKind.CONNECTION:
             raise DatabaseUnavailableError(_unavailable(url, exc)) from exc
+        if sqlstate(exc) == UNDEFINED_TABLE and "pgflow_sa." in first_line(exc):
+            raise error(_our_tables_missing(exc)) from exc
         raise error(first_line(exc)) from exc
+
+
+#: SQLSTATE of a relation that does not exist
+UNDEFINED_TABLE = "42P01"
+
+
+def _our_tables_missing(exc: BaseException) -> str:
+    return (
+        f"{first_line(exc)}: pgflow-sa's own tables are missing from this database (it "
+        "was installed by an older pgflow-sa): run `pgflow-sa install`, or apply an Alembic "
+        "migration that installs them; where another tool installed pgflow, create them "
+        "from pgflow_sa/schema/sql/schedules.sql and run_control.sql"
+    )
 
 
 def _unavailable(url: str | URL | None, exc: BaseException) -> str:

@@ -63,6 +63,7 @@ def cancel_run(conn: SyncExecutor, run_id: uuid.UUID | str, *, reason: str | Non
     run raises :class:`RunStateError`; an unknown one :class:`RunNotFoundError`."""
     rid, why = parse_run_id(run_id), _reason(reason)
     slug = _cancellable(rid, conn.execute(control.lock_run(rid)).first())
+    conn.execute(*control.archive(rid, slug))
     conn.execute(*control.cancel(rid, slug, why))
     events.emit("run.cancel", flow_slug=slug, run_id=str(rid), reason=why)
     run = get_run(conn, rid)
@@ -77,6 +78,7 @@ async def cancel_run_async(
     """:func:`cancel_run` for an AsyncConnection or AsyncSession."""
     rid, why = parse_run_id(run_id), _reason(reason)
     slug = _cancellable(rid, (await conn.execute(control.lock_run(rid))).first())
+    await conn.execute(*control.archive(rid, slug))
     await conn.execute(*control.cancel(rid, slug, why))
     events.emit("run.cancel", flow_slug=slug, run_id=str(rid), reason=why)
     run = await get_run_async(conn, rid)

@@ -27,11 +27,39 @@ def lock_run(run_id: uuid.UUID) -> Select[Any]:
     )
 
 
+# Archives the messages of a run's unfinished tasks, locking them first in msg_id
+# order: a claim locks messages before the tasks it starts, so the cancel, which fails
+# those tasks next, takes the same order (its run's row it holds already; claims never
+# lock runs). A claim holding one of them is waited for, and its task failed next.
+_ARCHIVE = """
+SELECT count(*) AS archived FROM pgmq.archive(:flow_slug, ARRAY(
+    SELECT q.msg_id FROM pgmq.{queue_table} q
+    WHERE q.msg_id IN (
+        SELECT st.message_id FROM pgflow.step_tasks st
+        WHERE st.run_id = :run_id AND st.status IN ('queued', 'started')
+          AND st.message_id IS NOT NULL)
+    ORDER BY q.msg_id
+    FOR UPDATE OF q))
+"""
+
+
+def archive(run_id: uuid.UUID, flow_slug: str) -> tuple[TextClause, dict[str, Any]]:
+    """Archive the run's messages (before :func:`cancel`)."""
+    from ..dsl import is_safe_slug
+
+    if not is_safe_slug(flow_slug):
+        raise ValueError(f"not a pgflow queue name: {flow_slug!r}")
+    statement = text(_ARCHIVE.replace("{queue_table}", f"q_{flow_slug.lower()}")).bindparams(
+        bindparam("run_id", type_=_ID), bindparam("flow_slug", type_=Text())
+    )
+    return statement, {"run_id": run_id, "flow_slug": flow_slug}
+
+
 # Ends a run in progress as pgflow ends a failed one (run and started steps failed,
-# every message of the run archived, run:failed broadcast) and records why. Its tasks
-# still queued or started are failed too, so that a worker's later settle of one
-# finds it taken (fenced) and nothing it writes counts. clock_timestamp(): the
-# caller's transaction may have begun before a task started.
+# run:failed broadcast; its messages archived by :func:`archive` first) and records
+# why. Its tasks still queued or started are failed too, so that a worker's later
+# settle of one finds it taken (fenced) and nothing it writes counts.
+# clock_timestamp(): the caller's transaction may have begun before a task started.
 _CANCEL = text(
     """
 WITH tasks AS (
@@ -39,10 +67,6 @@ WITH tasks AS (
     SET status = 'failed', failed_at = clock_timestamp(), error_message = :message
     WHERE st.run_id = :run_id AND st.status IN ('queued', 'started')
     RETURNING st.message_id, st.status
-), archived AS (
-    SELECT pgmq.archive(:flow_slug, array_agg(t.message_id)) AS n
-    FROM tasks t WHERE t.message_id IS NOT NULL
-    HAVING count(t.message_id) > 0
 ), steps AS (
     UPDATE pgflow.step_states ss
     SET status = 'failed', failed_at = clock_timestamp(), error_message = :message
@@ -57,7 +81,6 @@ WITH tasks AS (
     RETURNING run_id
 )
 SELECT (SELECT count(*) FROM tasks) AS tasks,
-       (SELECT count(*) FROM archived) AS archived,
        (SELECT count(*) FROM steps) AS steps,
        (SELECT count(*) FROM run) AS runs,
        (SELECT count(*) FROM recorded) AS recorded,
@@ -79,7 +102,8 @@ SELECT (SELECT count(*) FROM tasks) AS tasks,
 def cancel(
     run_id: uuid.UUID, flow_slug: str, reason: str | None
 ) -> tuple[TextClause, dict[str, Any]]:
-    """Cancel a run whose row :func:`lock_run` locked (and found started)."""
+    """Cancel a run whose row :func:`lock_run` locked (and found started), after
+    :func:`archive`."""
     message = f"Cancelled: {reason}" if reason else "Cancelled"
     return _CANCEL, {"run_id": run_id, "flow_slug": flow_slug, "message": message, "reason": reason}
 

@@ -117,7 +117,7 @@ def _fence_params(fences: Sequence[Fence]) -> dict[str, Any]:
 # complete_task's order. (A MATERIALIZED CTE runs only when referenced: owned joins it.)
 _OWNED = """
 run_locks AS MATERIALIZED (
-    SELECT r.run_id FROM pgflow.runs r
+    SELECT r.run_id, r.status FROM pgflow.runs r
     WHERE r.run_id = ANY(:run_ids)
     ORDER BY r.run_id
     FOR UPDATE OF r
@@ -157,7 +157,9 @@ ORDER BY o.run_id, o.step_slug, o.task_index
 
 # pgflow 0.8.1's complete_task leaves a task of a failed run as it is (started), so it
 # would stay held until taken for stalled; fail_task ends such a task (failed, message
-# archived, no retry) with a reason naming the step that failed the run.
+# archived, no retry) with a reason naming the step that failed the run. The run's
+# status is the one run_locks read when its lock was granted: the statement's snapshot
+# was taken before it waited, and would not show a failure committed meanwhile.
 _COMPLETE_OR_END = """(SELECT CASE WHEN r.status = 'failed' THEN (
     SELECT count(*) FROM pgflow.fail_task(o.run_id, o.step_slug, o.task_index, format(
         'Discarded: the run failed before this task finished (step %s: %s)',
@@ -167,7 +169,7 @@ _COMPLETE_OR_END = """(SELECT CASE WHEN r.status = 'failed' THEN (
           WHERE ss.run_id = o.run_id AND ss.status = 'failed' ORDER BY ss.failed_at LIMIT 1))))
   ELSE (SELECT count(*) FROM pgflow.complete_task(
     o.run_id, o.step_slug, o.task_index, (:values) -> (o.n::int - 1)))
-  END FROM pgflow.runs r WHERE r.run_id = o.run_id) AS outcome"""
+  END FROM run_locks r WHERE r.run_id = o.run_id) AS outcome"""
 # outputs travel as one JSON array, so falsy values stay themselves
 _COMPLETE_FENCED = _fenced_call(
     _COMPLETE_OR_END, bindparam("values", type_=JSONB(none_as_null=False))

@@ -1,6 +1,6 @@
-"""Adversarial review of run control and concurrency limits: each test reproduces one
-finding through public means (real workers, real PostgreSQL). A test marked xfail
-(strict) shows a defect still present: it starts passing, and so failing, when fixed."""
+"""Run control and concurrency limits under races, each test one defect an adversarial
+review found (and failed before its fix), through public means: real workers, real
+PostgreSQL, a second session holding a lock."""
 
 from __future__ import annotations
 
@@ -71,14 +71,6 @@ def _registered(url: str, count: int) -> bool:
     return bool(n >= count)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="limited claims are not serialized: the advisory lock is taken on an "
-    "AUTOCOMMIT connection (claim.Poller._engine = pooler.autocommit(engine)), so "
-    "pg_advisory_xact_lock is released when its own statement ends; a second claim "
-    "skips the first one's locked scan window (LIMITED_SCAN_MIN messages) and starts a "
-    "task beyond it, counting started tasks in a snapshot without the first one's",
-)
 def test_a_step_limit_of_one_holds_while_one_claim_is_slow(
     prepared: str, two_workers: list[WorkerProcess]
 ) -> None:
@@ -106,14 +98,6 @@ def test_a_step_limit_of_one_holds_while_one_claim_is_slow(
     assert _most_at_once(still_running) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lock-order inversion: cancel's statement locks the run's step_tasks rows "
-    "first and its queue messages second (pgmq.archive), a worker's claim its messages "
-    "first (pgmq.read) and their step_tasks second (start_tasks): a cancel of a run "
-    "whose tasks are being claimed deadlocks (seen in 3 of 10 cancels of 200-task runs "
-    "with 3 workers)",
-)
 def test_cancel_racing_a_claim_of_the_same_run_does_not_deadlock(prepared: str) -> None:
     engine = create_engine(to_sqlalchemy_url(prepared, "psycopg"))
     worker_id = uuid.uuid4()
@@ -164,14 +148,6 @@ def test_cancel_racing_a_claim_of_the_same_run_does_not_deadlock(prepared: str) 
     assert status == "failed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="complete_fenced reads the run's status for its CASE in the statement's "
-    "snapshot, taken before it waited for the run's lock: a run failed meanwhile by "
-    "another task looks in progress, pgflow's complete_task then refuses to touch the "
-    "failed run, and the task stays 'started' (counted against a concurrency limit) "
-    "while the worker believes it settled",
-)
 def test_a_completion_waiting_for_the_failure_of_its_run_ends_its_task(prepared: str) -> None:
     engine = create_engine(to_sqlalchemy_url(prepared, "psycopg"))
     worker_id = uuid.uuid4()
@@ -217,13 +193,6 @@ def test_a_completion_waiting_for_the_failure_of_its_run_ends_its_task(prepared:
     assert left_status != "started"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="get_run, list_runs and cancel_run on a database without pgflow-sa's "
-    "run-control tables (installed by an older pgflow-sa, or pgflow installed by another "
-    "tool) fail with PostgreSQL's bare 'relation ... does not exist'; the worker says "
-    "what to do, the client does not (and get_run worked there before)",
-)
 def test_the_client_says_what_to_do_when_the_run_control_tables_are_missing(
     prepared: str,
 ) -> None:
