@@ -112,3 +112,64 @@ def test_a_settle_waits_for_the_run_before_locking_its_steps(db_url: str, settle
             [run_id],
         ).fetchone()[0]
     assert status == ("queued" if settle == "fail" else "completed")
+
+
+def test_recovery_waits_for_the_run_before_locking_the_tasks_it_recovers(db_url: str) -> None:
+    """Recovery of a gone worker's tasks takes the locks in the settles' order too: a
+    session holding the run (as a completion does) then asks for a task's row and gets
+    it; recovery goes on after it commits. Before, recovery locked the tasks it found
+    (FOR UPDATE SKIP LOCKED) and only then the run: a deadlock, one of them rolled back."""
+    import asyncio
+
+    from pgflow_sa.worker import Worker
+
+    from .worker_harness import FAST
+
+    deploy(db_url, two)
+    run_id, fences = _claim_both(db_url)
+    with psycopg.connect(db_url, autocommit=True) as conn:  # its worker is gone
+        conn.execute(
+            "UPDATE pgflow.workers SET last_heartbeat_at = now() - interval '1 hour' "
+            "WHERE worker_id = %s",
+            [fences[0][3]],
+        )
+    errors: list[BaseException] = []
+    recovered: list[int] = []
+
+    def recover() -> None:
+        async def go() -> int:
+            worker = Worker(two, db_url, settings=FAST)
+            try:
+                return await worker.recover_stalled()
+            finally:
+                await worker.engine.dispose()
+
+        try:
+            recovered.append(asyncio.run(go()))
+        except BaseException as exc:  # reported by the test below
+            errors.append(exc)
+
+    with psycopg.connect(db_url) as other:
+        other.execute("SET deadlock_timeout = '100ms'")
+        other.execute("SELECT 1 FROM pgflow.runs WHERE run_id = %s FOR UPDATE", [run_id])
+        recovering = threading.Thread(target=recover)
+        recovering.start()
+        deadline = time.monotonic() + 20
+        with psycopg.connect(db_url, autocommit=True) as watch:
+            while time.monotonic() < deadline:
+                waiting = watch.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'"
+                ).fetchone()[0]
+                if waiting:
+                    break
+                time.sleep(0.02)
+        assert waiting, "recovery never waited for the run's row"
+        time.sleep(0.3)
+        other.execute(
+            "SELECT 1 FROM pgflow.step_tasks WHERE run_id = %s FOR UPDATE", [run_id]
+        ).fetchall()
+        other.commit()
+    recovering.join(20)
+    assert not recovering.is_alive()
+    assert errors == [] and recovered == [2]

@@ -270,7 +270,6 @@ WHERE st.flow_slug = ANY(:flow_slugs) AND st.status = 'started'
        OR w.last_heartbeat_at < now() - make_interval(secs => :margin))
 ORDER BY st.run_id, st.step_slug, st.task_index
 LIMIT :limit
-FOR UPDATE OF st SKIP LOCKED
 """
     )
     .bindparams(
@@ -289,8 +288,10 @@ FOR UPDATE OF st SKIP LOCKED
 def abandoned_tasks(flow_slugs: Sequence[str], margin_seconds: float, limit: int) -> Query:
     """Started tasks of the given flows whose worker is gone: its ``pgflow.workers`` row
     is missing, or has not heartbeaten for ``margin_seconds``. A live worker's task is
-    never listed, however long it runs. Rows are locked (SKIP LOCKED), so two
-    recovering workers never take the same task. Returns fences."""
+    never listed, however long it runs. Rows are not locked here: the fenced fail
+    that follows locks the runs first, then the tasks, as every settle does (locking
+    the tasks here first deadlocked with completions), and of two recovering workers
+    the fence lets one fail a task. Returns fences."""
     return _ABANDONED_TASKS, {
         "flow_slugs": list(flow_slugs),
         "margin": float(margin_seconds),

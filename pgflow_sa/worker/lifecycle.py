@@ -216,8 +216,8 @@ class Lifecycle:
     async def recover_abandoned(self) -> int:
         """Fail (pgflow then retries them, or gives up after max_attempts) the started
         tasks of the served flows whose worker is gone: no heartbeat for
-        ``stall_margin`` seconds, or no worker row. Fenced, and locked rows are
-        skipped, so two recovering workers never take the same task."""
+        ``stall_margin`` seconds, or no worker row. Fenced, so of two recovering
+        workers one fails a task (the other finds it no longer held)."""
         count = 0
         margin = self._settings.stall_margin
         async with self._engine.begin() as conn:
