@@ -411,7 +411,7 @@ WITH lim AS MATERIALIZED (
 ), limits AS MATERIALIZED (
     SELECT EXISTS (SELECT 1 FROM lim) AS limited
 ), started AS MATERIALIZED (
-    SELECT st.step_slug FROM pgflow.step_tasks st
+    SELECT st.step_slug, st.run_id FROM pgflow.step_tasks st
     WHERE st.status = 'started' AND st.flow_slug = :queue
 ), step_room AS MATERIALIZED (
     SELECT e.key AS step_slug,
@@ -422,9 +422,13 @@ WITH lim AS MATERIALIZED (
     SELECT coalesce((SELECT greatest(lim.max_concurrency - (SELECT count(*) FROM started), 0)
                      FROM lim WHERE lim.max_concurrency IS NOT NULL), :qty) AS room
 ), active AS MATERIALIZED (
+    -- runs admitted, and runs with a task started (one that began before the run
+    -- limit was set, or was claimed by a worker that ignores limits)
     SELECT a.run_id FROM pgflow_sa.admitted_runs a
     JOIN pgflow.runs r ON r.run_id = a.run_id
     WHERE a.flow_slug = :queue AND r.status = 'started'
+    UNION
+    SELECT DISTINCT s.run_id FROM started s
 ), run_room AS MATERIALIZED (
     -- null: no run limit
     SELECT (SELECT greatest(lim.max_running_runs - (SELECT count(*) FROM active), 0)
@@ -474,8 +478,11 @@ WITH lim AS MATERIALIZED (
     CROSS JOIN LATERAL pgmq.set_vt(:queue, c.msg_id, {hide_for}) AS v
 ), admit AS (
     INSERT INTO pgflow_sa.admitted_runs (run_id, flow_slug)
-    SELECT DISTINCT c.run_id, :queue FROM chosen c
-    WHERE NOT c.admitted AND (SELECT room FROM run_room) IS NOT NULL
+    SELECT run_id, :queue FROM (
+        SELECT c.run_id FROM chosen c WHERE NOT c.admitted
+        UNION SELECT s.run_id FROM started s
+    ) AS runs_in_progress
+    WHERE (SELECT room FROM run_room) IS NOT NULL
     ON CONFLICT (run_id) DO NOTHING
     RETURNING run_id
 ), held AS (
