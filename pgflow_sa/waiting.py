@@ -394,10 +394,10 @@ def _step_events(run: Run, seen: dict[str, str]) -> Iterator[RunEvent]:
                 )
 
 
-#: engine -> id of an event loop -> its watcher, both held weakly: a watcher lives
-#: while something waits on it (or holds it), and an engine made per call is never
-#: kept alive by this table.
-_DIRECT_ENGINES: dict[str, AsyncEngine] = {}
+#: PGFLOW_SA_LISTEN_URL -> the engine watchers LISTEN through, held weakly: it lives
+#: while a watcher's listener holds it (a NullPool engine keeps no connection of its
+#: own, so once no watcher listens there is nothing to close)
+_DIRECT_ENGINES: weakref.WeakValueDictionary[str, AsyncEngine] = weakref.WeakValueDictionary()
 
 
 def _listen_engine(engine: AsyncEngine) -> AsyncEngine | None:
@@ -408,11 +408,15 @@ def _listen_engine(engine: AsyncEngine) -> AsyncEngine | None:
     direct = listen_url()
     if direct is None:
         return None
-    if direct not in _DIRECT_ENGINES:
-        _DIRECT_ENGINES[direct] = async_engine_from_url(direct, poolclass=NullPool)
-    return _DIRECT_ENGINES[direct]
+    listening = _DIRECT_ENGINES.get(direct)
+    if listening is None:
+        listening = _DIRECT_ENGINES[direct] = async_engine_from_url(direct, poolclass=NullPool)
+    return listening
 
 
+#: engine -> id of an event loop -> its watcher, both held weakly: a watcher lives
+#: while something waits on it (or holds it), and an engine made per call is never
+#: kept alive by this table.
 _WATCHERS: weakref.WeakKeyDictionary[AsyncEngine, weakref.WeakValueDictionary[int, RunWatcher]] = (
     weakref.WeakKeyDictionary()
 )

@@ -22,9 +22,11 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from pgflow_sa import (
     RunStatus,
+    async_engine_from_url,
     start_flow_async,
     to_sqlalchemy_url,
     wait_for_run,
@@ -459,3 +461,36 @@ async def test_a_flood_of_forged_notifications_costs_a_few_reads(
             assert (await waiting).status is RunStatus.COMPLETED
     finally:
         await waiter.dispose()
+
+
+async def test_the_direct_listen_engine_is_kept_only_while_a_wait_listens(
+    db_url: str, other: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a transaction pooler, waits LISTEN through an engine of their own on
+    PGFLOW_SA_LISTEN_URL: once no wait listens, nothing keeps it (a table of them kept
+    every one made until the process ended, and disposed of none)."""
+    monkeypatch.setenv("PGFLOW_SA_POOLER", "transaction")
+    monkeypatch.setenv("PGFLOW_SA_LISTEN_URL", db_url)
+    database = make_url(db_url).database
+
+    def listen_engines() -> int:
+        return sum(
+            1
+            for obj in gc.get_objects()
+            if isinstance(obj, AsyncEngine)
+            and isinstance(obj.pool, NullPool)
+            and obj.url.database == database
+        )
+
+    waiter = async_engine_from_url(db_url)
+    try:
+        run_id = await _start(other)
+        waiting = asyncio.create_task(wait_for_run_async(waiter, run_id, timeout=30))
+        await _until(lambda: watcher_for(waiter).mode == "notify")
+        assert listen_engines() == 1
+        async with _driving(other):
+            assert (await waiting).status is RunStatus.COMPLETED
+    finally:
+        await waiter.dispose()
+    gc.collect()
+    assert listen_engines() == 0
