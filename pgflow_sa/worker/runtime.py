@@ -20,6 +20,7 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import QueuePool
 
 from .. import events
 from .._backoff import Backoff
@@ -376,9 +377,9 @@ class Worker:
         idle_for = time.monotonic() - self._last_busy
         if self._tasks or idle_for < IDLE_HEARTBEATS * self.settings.heartbeat_interval:
             return
-        checkedin = getattr(self.engine.pool, "checkedin", lambda: 0)
-        if checkedin() > 1:
-            logger.debug("idle: closing %d spare connection(s)", checkedin() - 1)
+        pool = self.engine.pool  # the worker's own engine: a QueuePool (asyncio adapted)
+        if isinstance(pool, QueuePool) and pool.checkedin() > 1:
+            logger.debug("idle: closing %d spare connection(s)", pool.checkedin() - 1)
             async with self.engine.connect() as conn:
                 await conn.run_sync(lambda sync: sync.engine.pool.dispose())
 
