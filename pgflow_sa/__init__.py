@@ -36,6 +36,7 @@ from .exceptions import (
     PgflowSaError,
     RunNotFoundError,
     RunTimeoutError,
+    ScheduleConflictError,
     ScheduleNotFoundError,
     SchemaFilesMissingError,
 )
@@ -110,6 +111,7 @@ __all__ = [
     "RunTimeoutError",
     "RunWatcher",
     "Schedule",
+    "ScheduleConflictError",
     "ScheduleInfo",
     "ScheduleNotFoundError",
     "SchemaFilesMissingError",
