@@ -7,7 +7,10 @@ from pathlib import Path
 
 import psycopg
 
+from pgflow_sa import Flow, deploy_flows
+
 from .test_alembic import Project, _upgrade_part
+from .test_alembic_safety import _failed_line
 
 FLOWS = """
 from pgflow_sa import Flow, FlowRegistry
@@ -94,3 +97,26 @@ def test_autogenerate_adds_changes_and_removes_schedules(empty_db_url: str, tmp_
     assert _stored(empty_db_url) == []
     project.run("downgrade", "-1")
     assert [row[:2] for row in _stored(empty_db_url)] == [("nightly", "0 4 * * *")]
+
+
+def test_autogenerate_refuses_a_schedule_name_another_flow_owns(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    """A name another flow's stored schedule has: autogenerate says so and writes no
+    migration (a CreateScheduleOp would only be refused when the migration runs)."""
+    project = Project(tmp_path, "generic", empty_db_url)
+    _flows(project, "")
+    project.revision("pgflow")
+    project.run("upgrade", "head")
+    billing = Flow("billing")
+    billing.step(slug="charge")(lambda i, c: i)
+    billing.schedule("0 1 * * *", name="nightly")
+    deploy_flows(empty_db_url, billing)  # another app's flow, deployed on its own
+
+    _flows(project, NIGHTLY.format(cron="0 3 * * *"))
+    versions = set((tmp_path / "migrations" / "versions").glob("*.py"))
+    refused = project.run("revision", "--autogenerate", "-m", "taken", ok=False)
+    failed = _failed_line(refused, "schedule 'nightly' belongs to flow 'billing', not 'orders'")
+    assert "rename this one" in failed
+    assert set((tmp_path / "migrations" / "versions").glob("*.py")) == versions
+    assert [row[:2] for row in _stored(empty_db_url)] == [("nightly", "0 1 * * *")]
