@@ -35,7 +35,7 @@ from sqlalchemy.pool import NullPool
 
 from . import _background as background
 from ._backoff import Backoff
-from ._db import DB_ERRORS, classify, database_errors, first_line
+from ._db import DB_ERRORS, classify, database_errors, first_line, uncut_connection
 from ._listen import Channels, ListenConnection, notifications_enabled
 from .client import get_run_async, parse_run_id, start_flow_async
 from .config import async_engine_from_url, mask_password
@@ -237,7 +237,7 @@ class RunWatcher:
         if not ids:
             return
         self.checks += 1
-        async with self.engine.connect() as conn:
+        async with uncut_connection(self.engine) as conn:
             rows = (await conn.execute(queries.finished_runs(ids))).all()
         finished = {row.run_id for row in rows}
         for run_id in ids:
@@ -279,7 +279,7 @@ class RunWatcher:
 
     async def _read_once(self, run_id: uuid.UUID, steps: bool) -> Run | None:
         with database_errors(self.engine.url, PgflowSaError):
-            async with self.engine.connect() as conn:
+            async with uncut_connection(self.engine) as conn:
                 return await get_run_async(conn, run_id, steps=steps)
 
     async def _hinted(self, sub: _Subscription, deadline: float | None) -> bool:

@@ -4,6 +4,7 @@ the blocking API reuses what it opens."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import gc
 import json
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from pgflow_sa import (
+    DatabaseUnavailableError,
     RunStatus,
+    RunTimeoutError,
     async_engine_from_url,
     start_flow_async,
     to_sqlalchemy_url,
@@ -494,3 +498,37 @@ async def test_the_direct_listen_engine_is_kept_only_while_a_wait_listens(
         await waiter.dispose()
     gc.collect()
     assert listen_engines() == 0
+
+
+async def test_waits_cut_off_at_tiny_deadlines_leave_no_connection_behind(
+    db_url: str, other: AsyncEngine
+) -> None:
+    """Waits whose deadlines cut off their reads (and stop the watcher's listener) in
+    the middle of checking out a connection: each read closes what it opened, so the
+    garbage collector finds no connection to terminate (it warns when it does: seen on
+    Python 3.10) and the pool has none left checked out."""
+    run_id = await _start(other)
+    waiter = _engine(db_url, pool_size=2, max_overflow=30, pool_pre_ping=True)
+    outcomes: collections.Counter[str] = collections.Counter()
+
+    async def wait(deadline: float) -> None:
+        try:
+            await wait_for_run_async(waiter, run_id, timeout=deadline)
+        except (RunTimeoutError, DatabaseUnavailableError) as exc:
+            outcomes[type(exc).__name__] += 1
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for n in range(40):
+                await asyncio.gather(*(wait(0.005 * ((7 * n + i) % 100)) for i in range(6)))
+                if n % 10 == 9:
+                    gc.collect()
+            await _until(lambda: waiter.pool.checkedout() == 0)
+            gc.collect()
+        left = [str(w.message) for w in caught if "non-checked-in" in str(w.message)]
+        assert left == []
+        assert outcomes["DatabaseUnavailableError"] > 0, outcomes  # reads were cut off
+        assert outcomes["RunTimeoutError"] > 0, outcomes  # and waits got to listen
+    finally:
+        await waiter.dispose()
