@@ -120,3 +120,18 @@ def test_autogenerate_refuses_a_schedule_name_another_flow_owns(
     assert "rename this one" in failed
     assert set((tmp_path / "migrations" / "versions").glob("*.py")) == versions
     assert [row[:2] for row in _stored(empty_db_url)] == [("nightly", "0 1 * * *")]
+
+
+def test_a_schedule_input_with_dollar_quotes_round_trips(empty_db_url: str, tmp_path: Path) -> None:
+    """The SQL a CreateScheduleOp runs is a DO block in dollar quotes: an input
+    containing the quote's tag (or any other) is stored as it is."""
+    project = Project(tmp_path, "generic", empty_db_url)
+    tricky = {"note": "$pgflow_sa$; DROP TABLE notes; $pgflow_sa$", "cost": "$$5 or $1$"}
+    _flows(project, f'orders.schedule("0 3 * * *", name="nightly", input={tricky!r})')
+    project.revision("pgflow")
+    project.run("upgrade", "head")
+    assert [(name, value) for name, _, _, value, _ in _stored(empty_db_url)] == [
+        ("nightly", tricky)
+    ]
+    check = project.run("check")
+    assert "No new upgrade operations detected" in check.stdout + check.stderr
