@@ -248,7 +248,7 @@ class Worker:
                 asyncio.create_task(supervise("completion", batcher.run)),
                 asyncio.create_task(supervise("heartbeat", self._heartbeats)),
             ]
-            if any(flow.schedules for flow in self.registry):
+            if self.settings.fire_schedules and any(flow.schedules for flow in self.registry):
                 # only a worker whose flows declare schedules looks at them (a look a
                 # second); the others run no query for them
                 scheduler = Scheduler(self.engine, list(self.registry))
