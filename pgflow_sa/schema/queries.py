@@ -141,7 +141,9 @@ def notifications_enabled() -> TextClause:
 def flow_status(window_seconds: int, live_seconds: int) -> TextClause:
     """One row per flow: the messages in its queue, runs in
     progress, runs completed and failed in the last ``window_seconds``, and workers
-    whose heartbeat is younger than ``live_seconds`` (not deprecated)."""
+    whose heartbeat is younger than ``live_seconds`` (not deprecated). The run counts
+    are ranges of the index ``pgflow_sa_runs_finished`` (pgflow_sa.schema.indexes):
+    hence ``coalesce(completed_at, failed_at)``, its expression."""
     return text(
         """
         SELECT f.flow_slug,
@@ -150,10 +152,12 @@ def flow_status(window_seconds: int, live_seconds: int) -> TextClause:
                  WHERE r.flow_slug = f.flow_slug AND r.status = 'started') AS running,
                (SELECT count(*) FROM pgflow.runs r
                  WHERE r.flow_slug = f.flow_slug AND r.status = 'completed'
-                   AND r.completed_at > now() - make_interval(secs => :window)) AS completed,
+                   AND coalesce(r.completed_at, r.failed_at)
+                       > now() - make_interval(secs => :window)) AS completed,
                (SELECT count(*) FROM pgflow.runs r
                  WHERE r.flow_slug = f.flow_slug AND r.status = 'failed'
-                   AND r.failed_at > now() - make_interval(secs => :window)) AS failed,
+                   AND coalesce(r.completed_at, r.failed_at)
+                       > now() - make_interval(secs => :window)) AS failed,
                (SELECT count(*) FROM pgflow.workers w
                  WHERE w.queue_name = f.flow_slug AND w.deprecated_at IS NULL
                    AND w.last_heartbeat_at > now() - make_interval(secs => :live)) AS live_workers,
