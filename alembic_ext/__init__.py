@@ -17,6 +17,7 @@ from . import render as _render  # noqa: F401  (registers the renderers)
 from .comparator import (
     PGFLOW_SCHEMAS,
     FlowStructureChangedError,
+    ScheduleNameTakenError,
     compare_pgflow,
     include_name,
     register_flows,
@@ -44,6 +45,7 @@ __all__ = [
     "FlowStructureChangedError",
     "InstallPgflowOp",
     "KeepPgflowSchemaOp",
+    "ScheduleNameTakenError",
     "SetFlowOptionOp",
     "UninstallPgflowOp",
     "UpgradePgflowOp",

@@ -12,11 +12,23 @@ from alembic.autogenerate.api import AutogenContext
 from alembic.operations.ops import UpgradeOps
 from alembic.util import CommandError
 
-from pgflow_sa import Flow, FlowRegistry, PgflowSaError, compile_flow, diff_shapes
+from pgflow_sa import (
+    Flow,
+    FlowRegistry,
+    PgflowSaError,
+    ScheduleConflictError,
+    compile_flow,
+    diff_shapes,
+)
 from pgflow_sa.compiler import compile_shape
 from pgflow_sa.schema import LATEST_VERSION, SchemaState, check, list_flow_slugs, read_flow_shape
 from pgflow_sa.schema.installer import PGMQ_MIN_VERSION, _version_tuple
-from pgflow_sa.schema.schedules import diff_schedules, read_definitions, schedules_installed
+from pgflow_sa.schema.schedules import (
+    diff_schedules,
+    owner_conflicts,
+    read_definitions,
+    schedules_installed,
+)
 
 from .ops import (
     AlterScheduleOp,
@@ -36,6 +48,14 @@ log = logging.getLogger("alembic.autogenerate.compare")
 
 class FlowStructureChangedError(PgflowSaError, CommandError):
     """A flow's steps changed in code; pgflow flows cannot change shape in place.
+
+    An Alembic ``CommandError``: the ``alembic`` command prints it as one ``FAILED:``
+    line, without a traceback."""
+
+
+class ScheduleNameTakenError(ScheduleConflictError, CommandError):
+    """A schedule in code has the name of another flow's stored schedule: the
+    migration would be refused when it runs, so none is written.
 
     An Alembic ``CommandError``: the ``alembic`` command prints it as one ``FAILED:``
     line, without a traceback."""
@@ -226,8 +246,12 @@ def _compare_schedules(autogen_context: AutogenContext, registry: FlowRegistry) 
     flows = [f for f in registry if _include_name(autogen_context, f.slug)]
     code = [s.stored() for f in flows for s in f.schedules]
     slugs = [f.slug for f in flows]
-    stored = read_definitions(conn, slugs) if schedules_installed(conn) else []
+    installed = schedules_installed(conn)
+    stored = read_definitions(conn, slugs) if installed else []
     diff = diff_schedules(code, stored)
+    taken = owner_conflicts(conn, diff.added) if installed else []
+    if taken:
+        raise ScheduleNameTakenError("no migration was written: " + "; ".join(taken))
     ops: list[Any] = []
     for added in diff.added:
         _detected(

@@ -38,6 +38,7 @@ from .exceptions import (
     RunNotFoundError,
     RunStateError,
     RunTimeoutError,
+    ScheduleConflictError,
     ScheduleNotFoundError,
     SchemaFilesMissingError,
 )
@@ -114,6 +115,7 @@ __all__ = [
     "RunTimeoutError",
     "RunWatcher",
     "Schedule",
+    "ScheduleConflictError",
     "ScheduleInfo",
     "ScheduleNotFoundError",
     "SchemaFilesMissingError",

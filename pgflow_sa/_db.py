@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import NullPool
 
 from .config import mask_password, to_sqlalchemy_url
@@ -170,3 +172,38 @@ def _our_tables_missing(exc: BaseException) -> str:
 def _unavailable(url: str | URL | None, exc: BaseException) -> str:
     where = f"the database at {mask_password(url)}" if url is not None else "the database"
     return f"cannot use {where}: {first_line(exc)}"
+
+
+#: closes of connections whose user was cancelled (a task is kept until it is done)
+_CLOSING: set[asyncio.Future[Any]] = set()
+
+
+def _close_in_background(conn: AsyncConnection) -> asyncio.Future[None]:
+    closing = asyncio.ensure_future(conn.close())
+    _CLOSING.add(closing)
+    closing.add_done_callback(_CLOSING.discard)
+    return closing
+
+
+def _close_checked_out(checkout: asyncio.Future[AsyncConnection]) -> None:
+    if not checkout.cancelled() and checkout.exception() is None:
+        _close_in_background(checkout.result())
+
+
+@asynccontextmanager
+async def uncut_connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """``engine.connect()`` for reads that a deadline or a stop may cancel: the checkout
+    is never cut off half way (a cancellation then, inside the pool or the driver, can
+    leave the connection to the garbage collector, which can only terminate it and
+    warns); a caller cancelled meanwhile leaves it to finish, and what it got is closed
+    at once. The close on the way out is shielded too."""
+    checkout = asyncio.ensure_future(engine.connect().start())
+    try:
+        conn = await asyncio.shield(checkout)
+    except asyncio.CancelledError:
+        checkout.add_done_callback(_close_checked_out)
+        raise
+    try:
+        yield conn
+    finally:
+        await asyncio.shield(_close_in_background(conn))

@@ -35,7 +35,7 @@ from sqlalchemy.pool import NullPool
 
 from . import _background as background
 from ._backoff import Backoff
-from ._db import DB_ERRORS, classify, database_errors, first_line
+from ._db import DB_ERRORS, classify, database_errors, first_line, uncut_connection
 from ._listen import Channels, ListenConnection, notifications_enabled
 from .client import get_run_async, parse_run_id, start_flow_async
 from .config import async_engine_from_url, mask_password
@@ -237,7 +237,7 @@ class RunWatcher:
         if not ids:
             return
         self.checks += 1
-        async with self.engine.connect() as conn:
+        async with uncut_connection(self.engine) as conn:
             rows = (await conn.execute(queries.finished_runs(ids))).all()
         finished = {row.run_id for row in rows}
         for run_id in ids:
@@ -279,7 +279,7 @@ class RunWatcher:
 
     async def _read_once(self, run_id: uuid.UUID, steps: bool) -> Run | None:
         with database_errors(self.engine.url, PgflowSaError):
-            async with self.engine.connect() as conn:
+            async with uncut_connection(self.engine) as conn:
                 return await get_run_async(conn, run_id, steps=steps)
 
     async def _hinted(self, sub: _Subscription, deadline: float | None) -> bool:
@@ -394,10 +394,10 @@ def _step_events(run: Run, seen: dict[str, str]) -> Iterator[RunEvent]:
                 )
 
 
-#: engine -> id of an event loop -> its watcher, both held weakly: a watcher lives
-#: while something waits on it (or holds it), and an engine made per call is never
-#: kept alive by this table.
-_DIRECT_ENGINES: dict[str, AsyncEngine] = {}
+#: PGFLOW_SA_LISTEN_URL -> the engine watchers LISTEN through, held weakly: it lives
+#: while a watcher's listener holds it (a NullPool engine keeps no connection of its
+#: own, so once no watcher listens there is nothing to close)
+_DIRECT_ENGINES: weakref.WeakValueDictionary[str, AsyncEngine] = weakref.WeakValueDictionary()
 
 
 def _listen_engine(engine: AsyncEngine) -> AsyncEngine | None:
@@ -408,11 +408,15 @@ def _listen_engine(engine: AsyncEngine) -> AsyncEngine | None:
     direct = listen_url()
     if direct is None:
         return None
-    if direct not in _DIRECT_ENGINES:
-        _DIRECT_ENGINES[direct] = async_engine_from_url(direct, poolclass=NullPool)
-    return _DIRECT_ENGINES[direct]
+    listening = _DIRECT_ENGINES.get(direct)
+    if listening is None:
+        listening = _DIRECT_ENGINES[direct] = async_engine_from_url(direct, poolclass=NullPool)
+    return listening
 
 
+#: engine -> id of an event loop -> its watcher, both held weakly: a watcher lives
+#: while something waits on it (or holds it), and an engine made per call is never
+#: kept alive by this table.
 _WATCHERS: weakref.WeakKeyDictionary[AsyncEngine, weakref.WeakValueDictionary[int, RunWatcher]] = (
     weakref.WeakKeyDictionary()
 )

@@ -4,12 +4,14 @@ it per test."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from pgflow_sa import async_engine_from_url
 from pgflow_sa.testing.plugin import DatabaseFactory, database_server_for_tests
 
 TEST_URL_ENV = "PGFLOW_SA_TEST_DATABASE_URL"
@@ -58,3 +60,12 @@ def empty_db_url(databases: DatabaseFactory) -> Iterator[str]:
     url = databases.create()
     yield url
     databases.drop(url)
+
+
+@pytest.fixture
+async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
+    """An AsyncEngine (asyncpg) on ``db_url``, disposed after the test (modules that
+    need another one define their own)."""
+    engine = async_engine_from_url(db_url)
+    yield engine
+    await engine.dispose()

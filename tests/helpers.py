@@ -7,8 +7,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psycopg
+
+from pgflow_sa import Flow
 
 BIN = Path(sys.executable).parent
 CLI = str(BIN / "pgflow-sa")
@@ -96,3 +99,17 @@ def npm_package_dir(package: str, version: str) -> Path:
             timeout=300,
         )
     return folder
+
+
+def reports_flow(*schedules: dict[str, Any]) -> Flow:
+    """A one-step flow ``reports`` with these schedules (the keyword arguments of one
+    ``Flow.schedule`` call each)."""
+    flow = Flow("reports")
+
+    @flow.step
+    def build(input: dict[str, Any]) -> int:
+        return 1
+
+    for schedule in schedules:
+        flow.schedule(**schedule)
+    return flow

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import psycopg
 
+from pgflow_sa import Flow, deploy_flows
+
 from .test_alembic import Project, _upgrade_part
+from .test_alembic_safety import _failed_line
 
 FLOWS = """
 from pgflow_sa import Flow, FlowRegistry
@@ -94,3 +97,41 @@ def test_autogenerate_adds_changes_and_removes_schedules(empty_db_url: str, tmp_
     assert _stored(empty_db_url) == []
     project.run("downgrade", "-1")
     assert [row[:2] for row in _stored(empty_db_url)] == [("nightly", "0 4 * * *")]
+
+
+def test_autogenerate_refuses_a_schedule_name_another_flow_owns(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    """A name another flow's stored schedule has: autogenerate says so and writes no
+    migration (a CreateScheduleOp would only be refused when the migration runs)."""
+    project = Project(tmp_path, "generic", empty_db_url)
+    _flows(project, "")
+    project.revision("pgflow")
+    project.run("upgrade", "head")
+    billing = Flow("billing")
+    billing.step(slug="charge")(lambda i, c: i)
+    billing.schedule("0 1 * * *", name="nightly")
+    deploy_flows(empty_db_url, billing)  # another app's flow, deployed on its own
+
+    _flows(project, NIGHTLY.format(cron="0 3 * * *"))
+    versions = set((tmp_path / "migrations" / "versions").glob("*.py"))
+    refused = project.run("revision", "--autogenerate", "-m", "taken", ok=False)
+    failed = _failed_line(refused, "schedule 'nightly' belongs to flow 'billing', not 'orders'")
+    assert "rename this one" in failed
+    assert set((tmp_path / "migrations" / "versions").glob("*.py")) == versions
+    assert [row[:2] for row in _stored(empty_db_url)] == [("nightly", "0 1 * * *")]
+
+
+def test_a_schedule_input_with_dollar_quotes_round_trips(empty_db_url: str, tmp_path: Path) -> None:
+    """The SQL a CreateScheduleOp runs is a DO block in dollar quotes: an input
+    containing the quote's tag (or any other) is stored as it is."""
+    project = Project(tmp_path, "generic", empty_db_url)
+    tricky = {"note": "$pgflow_sa$; DROP TABLE notes; $pgflow_sa$", "cost": "$$5 or $1$"}
+    _flows(project, f'orders.schedule("0 3 * * *", name="nightly", input={tricky!r})')
+    project.revision("pgflow")
+    project.run("upgrade", "head")
+    assert [(name, value) for name, _, _, value, _ in _stored(empty_db_url)] == [
+        ("nightly", tricky)
+    ]
+    check = project.run("check")
+    assert "No new upgrade operations detected" in check.stdout + check.stderr

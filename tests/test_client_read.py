@@ -18,6 +18,7 @@ from pgflow_sa import (
     RunStatus,
     StepStatus,
     TaskStatus,
+    flow_status,
     get_run_async,
     list_runs,
     list_runs_async,
@@ -170,3 +171,46 @@ async def test_list_runs_filters_and_pages(engine: AsyncEngine, db_url: str) -> 
         with pytest.raises(InvalidInputError, match="after must be a next_cursor"):
             list_runs(conn, after="garbage")
     engine_sync.dispose()
+
+
+def test_flow_status_counts_runs_by_index_ranges(db_url: str) -> None:
+    """pgflow has no index on when runs finished: flow_status (and `pgflow-sa
+    status`) read every run of each flow to count those finished in the window
+    (0.5-0.8 s with 100,000 runs). The installer's index makes each count a range."""
+    from sqlalchemy.dialects import postgresql
+
+    from pgflow_sa.schema import queries
+    from pgflow_sa.schema.indexes import RUNS_FINISHED
+
+    deploy(db_url, mapper)
+    with psycopg.connect(db_url, autocommit=True) as conn:  # a few hundred finished runs
+        conn.execute(
+            "INSERT INTO pgflow.runs (flow_slug, status, input, remaining_steps, started_at,"
+            " completed_at, failed_at) SELECT 'mapper', s, '{}', 0, now() - make_interval(mins => i + 1),"
+            " CASE s WHEN 'completed' THEN now() - make_interval(mins => i) END,"
+            " CASE s WHEN 'failed' THEN now() - make_interval(mins => i) END"
+            " FROM generate_series(1, 300) i, unnest(ARRAY['completed', 'failed']) s"
+        )
+        conn.execute("ANALYZE pgflow.runs")
+        sync = sync_engine(db_url)
+        try:
+            with sync.connect() as sa_conn:
+                [status] = flow_status(sa_conn, window_seconds=3600)
+        finally:
+            sync.dispose()
+        assert (status.completed, status.failed) == (59, 59)  # the last hour's
+        sql = str(
+            queries.flow_status(3600, 30).compile(
+                dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}
+            )
+        )
+        conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(row[0] for row in conn.execute("EXPLAIN " + sql))
+    assert f"Index Scan on {RUNS_FINISHED}" in plan or f"Scan using {RUNS_FINISHED}" in plan
+    finished = [
+        line.strip()
+        for line in plan.splitlines()
+        if "status = 'completed'" in line or "status = 'failed'" in line
+    ]
+    assert finished and all("Filter" not in line for line in finished), plan
+    assert all("COALESCE(completed_at, failed_at) >" in line for line in finished), plan

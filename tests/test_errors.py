@@ -118,3 +118,24 @@ async def test_real_driver_errors_carry_their_sqlstate(db_url: str) -> None:
         assert classify(lost.value) is ErrorKind.CONNECTION
     finally:
         await async_engine.dispose()
+
+
+def test_every_error_is_exported_from_the_package() -> None:
+    """``from pgflow_sa import XError`` works for every error a pgflow_sa function
+    raises (the dashboard's own is exported by pgflow_sa.dashboard)."""
+    import inspect
+
+    import pgflow_sa
+    from pgflow_sa import exceptions
+
+    errors = {
+        name
+        for name, value in vars(exceptions).items()
+        if inspect.isclass(value) and issubclass(value, exceptions.PgflowSaError)
+    }
+    missing = sorted(errors - set(pgflow_sa.__all__) - {"DashboardUnavailableError"})
+    assert missing == []
+    assert all(
+        getattr(pgflow_sa, name) is getattr(exceptions, name)
+        for name in errors - {"DashboardUnavailableError"}
+    )

@@ -4,7 +4,6 @@ tick, catch-up after missed ticks, DST, pause/resume/trigger from Python, upgrad
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -27,30 +26,13 @@ from pgflow_sa.schema import check_schema, install_schema
 from pgflow_sa.schema.installer import TABLES_UPDATE, SchemaState
 from pgflow_sa.schema.schedules import SchedulesMissingError
 
+from .helpers import reports_flow
+
 UTC = timezone.utc
 
 
 def utc(*args: int) -> datetime:
     return datetime(*args, tzinfo=UTC)
-
-
-def make_flow(**schedule: Any) -> Flow:
-    flow = Flow("reports")
-
-    @flow.step
-    def build(input: dict[str, Any]) -> int:
-        return 1
-
-    if schedule:
-        flow.schedule(**schedule)
-    return flow
-
-
-@pytest.fixture
-async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = async_engine_from_url(db_url)
-    yield engine
-    await engine.dispose()
 
 
 def fired_ticks(url: str, name: str = "reports") -> list[tuple[datetime, Any]]:
@@ -77,7 +59,7 @@ def stored(url: str, name: str = "reports") -> dict[str, Any]:
 async def test_each_tick_starts_one_run_on_the_chosen_clock(
     db_url: str, engine: AsyncEngine
 ) -> None:
-    flow = make_flow(cron="*/5 * * * *", input={"kind": "daily"})
+    flow = reports_flow({"cron": "*/5 * * * *", "input": {"kind": "daily"}})
     report = deploy_flows(db_url, flow)
     assert report.schedules_added == ["reports"]
     assert stored(db_url)["next_fire_at"] is None  # the first worker to look sets it
@@ -98,7 +80,7 @@ async def test_each_tick_starts_one_run_on_the_chosen_clock(
 
 
 async def test_racing_firers_start_one_run_per_tick(db_url: str) -> None:
-    flow = make_flow(cron="* * * * * *")
+    flow = reports_flow({"cron": "* * * * * *"})
     deploy_flows(db_url, flow)
     engines = [async_engine_from_url(db_url) for _ in range(4)]
     try:
@@ -127,7 +109,7 @@ async def test_racing_firers_start_one_run_per_tick(db_url: str) -> None:
 async def test_a_worker_down_for_three_ticks_applies_the_catch_up_policy(
     db_url: str, engine: AsyncEngine, catch_up: str, expected: list[datetime]
 ) -> None:
-    flow = make_flow(cron="* * * * *", catch_up=catch_up)
+    flow = reports_flow({"cron": "* * * * *", "catch_up": catch_up})
     deploy_flows(db_url, flow)
     await fire_due_schedules(engine, utc(2026, 1, 1, 12, 0, 0, 500000), [flow])  # next: 12:01
     # no worker from 12:00:00.5 to 12:03:30: ticks 12:01, 12:02 and 12:03 fell due
@@ -150,7 +132,7 @@ async def _drive(engine: AsyncEngine, flow: Flow, start: datetime, end: datetime
 async def test_dst_spring_forward_fires_at_the_right_wall_time(
     db_url: str, engine: AsyncEngine
 ) -> None:
-    flow = make_flow(cron="30 2 * * *", timezone="Europe/Paris")
+    flow = reports_flow({"cron": "30 2 * * *", "timezone": "Europe/Paris"})
     deploy_flows(db_url, flow)
     # 2026-03-29 in Paris: 02:00 CET -> 03:00 CEST; 02:30 never happens that day
     await _drive(engine, flow, utc(2026, 3, 27, 23), utc(2026, 3, 30, 3))
@@ -164,7 +146,7 @@ async def test_dst_spring_forward_fires_at_the_right_wall_time(
 async def test_dst_fall_back_fires_once_in_the_repeated_hour(
     db_url: str, engine: AsyncEngine
 ) -> None:
-    flow = make_flow(cron="30 2 * * *", timezone="Europe/Paris")
+    flow = reports_flow({"cron": "30 2 * * *", "timezone": "Europe/Paris"})
     deploy_flows(db_url, flow)
     # 2026-10-25 in Paris: 03:00 CEST -> 02:00 CET; 02:30 happens twice that night
     await _drive(engine, flow, utc(2026, 10, 23, 23), utc(2026, 10, 26, 3))
@@ -176,7 +158,7 @@ async def test_dst_fall_back_fires_once_in_the_repeated_hour(
 
 
 async def test_input_function_gets_the_tick(db_url: str, engine: AsyncEngine) -> None:
-    flow = make_flow(cron="0 * * * *", input=lambda tick: {"hour": tick.hour})
+    flow = reports_flow({"cron": "0 * * * *", "input": lambda tick: {"hour": tick.hour}})
     deploy_flows(db_url, flow)
     await fire_due_schedules(engine, utc(2026, 1, 1, 11, 30), [flow])
     await fire_due_schedules(engine, utc(2026, 1, 1, 12, 0, 1), [flow])
@@ -187,7 +169,7 @@ async def test_input_function_gets_the_tick(db_url: str, engine: AsyncEngine) ->
 async def test_a_refused_input_is_recorded_and_the_schedule_moves_on(
     db_url: str, engine: AsyncEngine
 ) -> None:
-    flow = make_flow(cron="0 * * * *", input=lambda tick: ["not", "a", "dict"])
+    flow = reports_flow({"cron": "0 * * * *", "input": lambda tick: ["not", "a", "dict"]})
     deploy_flows(db_url, flow)
     await fire_due_schedules(engine, utc(2026, 1, 1, 11, 30), [flow])
     fired = await fire_due_schedules(engine, utc(2026, 1, 1, 12, 0, 1), [flow])
@@ -204,7 +186,7 @@ async def test_an_input_function_that_raises_is_recorded(db_url: str, engine: As
     def broken(tick: datetime) -> dict[str, Any]:
         raise KeyError("region")
 
-    flow = make_flow(cron="0 * * * *", input=broken)
+    flow = reports_flow({"cron": "0 * * * *", "input": broken})
     deploy_flows(db_url, flow)
     await fire_due_schedules(engine, utc(2026, 1, 1, 11, 30), [flow])
     fired = await fire_due_schedules(engine, utc(2026, 1, 1, 12, 0, 1), [flow])
@@ -219,7 +201,7 @@ async def test_an_input_function_that_raises_is_recorded(db_url: str, engine: As
 
 
 async def test_pause_resume_and_trigger(db_url: str, engine: AsyncEngine) -> None:
-    flow = make_flow(cron="0 * * * *", input={"n": 7})
+    flow = reports_flow({"cron": "0 * * * *", "input": {"n": 7}})
     deploy_flows(db_url, flow)
     await fire_due_schedules(engine, utc(2026, 1, 1, 11, 30), [flow])
     pause_schedule(db_url, "reports")
@@ -247,17 +229,21 @@ async def test_pause_resume_and_trigger(db_url: str, engine: AsyncEngine) -> Non
 
 
 def test_deploy_updates_and_removes_schedules(db_url: str) -> None:
-    deploy_flows(db_url, make_flow(cron="0 * * * *", name="hourly"))
+    deploy_flows(db_url, reports_flow({"cron": "0 * * * *", "name": "hourly"}))
     with psycopg.connect(db_url) as conn:
         conn.execute("UPDATE pgflow_sa.schedules SET next_fire_at = now(), paused = true")
-    report = deploy_flows(db_url, make_flow(cron="0 * * * *", name="hourly", input={"a": 1}))
+    report = deploy_flows(
+        db_url, reports_flow({"cron": "0 * * * *", "name": "hourly", "input": {"a": 1}})
+    )
     assert report.schedules_updated == ["hourly"]
     row = stored(db_url, "hourly")
     assert row["input"] == {"a": 1} and row["next_fire_at"] is not None and row["paused"]
-    report = deploy_flows(db_url, make_flow(cron="30 * * * *", name="hourly", input={"a": 1}))
+    report = deploy_flows(
+        db_url, reports_flow({"cron": "30 * * * *", "name": "hourly", "input": {"a": 1}})
+    )
     assert report.schedules_updated == ["hourly"]
     assert stored(db_url, "hourly")["next_fire_at"] is None  # a new cron: computed again
-    report = deploy_flows(db_url, make_flow())
+    report = deploy_flows(db_url, reports_flow())
     assert report.schedules_removed == ["hourly"]
     assert list_schedules(db_url) == []
 
@@ -270,11 +256,11 @@ def test_an_install_without_schedules_is_upgraded(db_url: str) -> None:
     assert status.pending == (TABLES_UPDATE,)
     assert "pgflow-sa tables: missing" in status.describe()
     with pytest.raises(SchedulesMissingError, match="run `pgflow-sa install`"):
-        deploy_flows(db_url, make_flow(cron="0 * * * *"))
+        deploy_flows(db_url, reports_flow({"cron": "0 * * * *"}))
     report = install_schema(db_url)
     assert any("schedule_runs, run_cancellations" in action for action in report.actions)
     assert check_schema(db_url).state is SchemaState.INSTALLED
-    assert deploy_flows(db_url, make_flow(cron="0 * * * *")).schedules_added == ["reports"]
+    assert deploy_flows(db_url, reports_flow({"cron": "0 * * * *"})).schedules_added == ["reports"]
 
 
 async def test_an_idle_scheduler_looks_about_once_a_second(
@@ -284,7 +270,7 @@ async def test_an_idle_scheduler_looks_about_once_a_second(
 
     from pgflow_sa.worker.scheduler import Scheduler
 
-    flow = make_flow(cron="0 3 * * *")
+    flow = reports_flow({"cron": "0 3 * * *"})
     deploy_flows(db_url, flow)
     statements: list[str] = []
 
@@ -307,7 +293,7 @@ async def test_an_idle_scheduler_looks_about_once_a_second(
 def test_trigger_in_the_callers_transaction_twice_starts_two_runs(db_url: str) -> None:
     from pgflow_sa._db import sync_engine
 
-    deploy_flows(db_url, make_flow(cron="0 * * * *"))
+    deploy_flows(db_url, reports_flow({"cron": "0 * * * *"}))
     engine = sync_engine(db_url)
     try:
         with engine.begin() as conn:

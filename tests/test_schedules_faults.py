@@ -8,7 +8,6 @@ import functools
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -22,7 +21,6 @@ from pgflow_sa import (
     Flow,
     FlowDefinitionError,
     PgflowSaError,
-    async_engine_from_url,
     deploy_flows,
     fire_due_schedules,
     list_schedules,
@@ -31,7 +29,7 @@ from pgflow_sa import (
 )
 from pgflow_sa.worker.scheduler import RACE_PAUSE, Scheduler
 
-from .helpers import run_cli
+from .helpers import reports_flow, run_cli
 
 UTC = timezone.utc
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
@@ -39,25 +37,6 @@ T0 = datetime(2030, 1, 1, tzinfo=UTC)
 
 def computed(tick: datetime) -> dict[str, Any]:
     return {"at": tick.isoformat()}
-
-
-def reports(*schedules: dict[str, Any]) -> Flow:
-    flow = Flow("reports")
-
-    @flow.step
-    def build(input: dict[str, Any]) -> int:
-        return 1
-
-    for schedule in schedules:
-        flow.schedule(**schedule)
-    return flow
-
-
-@pytest.fixture
-async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = async_engine_from_url(db_url)
-    yield engine
-    await engine.dispose()
 
 
 def runs_of(url: str, name: str) -> list[tuple[datetime, bool, str | None]]:
@@ -92,7 +71,7 @@ OLD = ({"cron": "* * * * * *", "name": "a", "input": {"v": 1}, "catch_up": "all"
 async def test_an_older_worker_leaves_ticks_of_schedules_its_code_lacks(
     db_url: str, engine: AsyncEngine
 ) -> None:
-    new, old = reports(*NEW), reports(*OLD)
+    new, old = reports_flow(*NEW), reports_flow(*OLD)
     deploy_flows(db_url, new)
     await fire_due_schedules(engine, T0, [new])  # both get their next fire time
     fired = await fire_due_schedules(engine, T0 + timedelta(seconds=1, microseconds=5), [old])
@@ -109,14 +88,14 @@ async def test_an_older_worker_leaves_ticks_of_schedules_its_code_lacks(
 async def test_an_older_scheduler_does_not_spin_on_a_schedule_it_lacks(
     db_url: str, engine: AsyncEngine
 ) -> None:
-    deploy_flows(db_url, reports(*NEW))
+    deploy_flows(db_url, reports_flow(*NEW))
     execute(
         db_url,
         "UPDATE pgflow_sa.schedules SET next_fire_at = now() + interval '1 hour' WHERE name = 'a'",
         "UPDATE pgflow_sa.schedules SET next_fire_at = now() - interval '1 minute' "
         "WHERE name = 'b'",
     )
-    scheduler = Scheduler(engine, [reports(*OLD)])
+    scheduler = Scheduler(engine, [reports_flow(*OLD)])
     assert await scheduler.look() > RACE_PAUSE
     assert await scheduler.look() > RACE_PAUSE
     assert runs_of(db_url, "b") == []
@@ -156,8 +135,8 @@ async def test_one_bad_stored_schedule_does_not_stop_the_others(
 ) -> None:
     good = {"cron": "* * * * * *", "name": "good", "input": {}}
     typo = {"cron": "* * * * *", "name": "typo", "input": {}}
-    flow = reports(good, typo)
-    deploy_flows(db_url, reports(good))
+    flow = reports_flow(good, typo)
+    deploy_flows(db_url, reports_flow(good))
     _store_bad_timezone(db_url)
     await fire_due_schedules(engine, T0, [flow])
     fired = await fire_due_schedules(engine, T0 + timedelta(seconds=1, microseconds=5), [flow])
@@ -180,7 +159,7 @@ async def test_one_bad_stored_schedule_does_not_stop_the_others(
 
 
 def test_schedules_list_shows_a_bad_row_with_its_problem(db_url: str) -> None:
-    deploy_flows(db_url, reports({"cron": "0 * * * *", "name": "good"}))
+    deploy_flows(db_url, reports_flow({"cron": "0 * * * *", "name": "good"}))
     _store_bad_timezone(db_url)
     infos = {i.name: i for i in list_schedules(db_url)}
     assert infos["good"].problem is None
@@ -207,7 +186,7 @@ def test_an_async_input_function_is_refused() -> None:
         return {}
 
     with pytest.raises(FlowDefinitionError, match="async"):
-        reports({"cron": "* * * * *", "input": coro})
+        reports_flow({"cron": "* * * * *", "input": coro})
 
 
 # --- D6: the input function runs off the event loop, with the row not locked ----------
@@ -231,7 +210,7 @@ async def test_the_input_function_runs_off_the_loop_without_the_row_locked(
         seen.append((in_loop_thread, locked))
         return {"at": tick.isoformat()}
 
-    flow = reports({"cron": "* * * * * *", "name": "probe", "input": probe})
+    flow = reports_flow({"cron": "* * * * * *", "name": "probe", "input": probe})
     deploy_flows(db_url, flow)
     await fire_due_schedules(engine, T0, [flow])
     fired = await fire_due_schedules(engine, T0 + timedelta(seconds=1, microseconds=5), [flow])
@@ -245,7 +224,7 @@ async def test_the_input_function_runs_off_the_loop_without_the_row_locked(
 async def test_resume_of_an_active_schedule_keeps_its_backlog(
     db_url: str, engine: AsyncEngine
 ) -> None:
-    flow = reports({"cron": "* * * * *", "catch_up": "all", "catch_up_limit": 4})
+    flow = reports_flow({"cron": "* * * * *", "catch_up": "all", "catch_up_limit": 4})
     deploy_flows(db_url, flow)
     await fire_due_schedules(engine, T0 + timedelta(seconds=30), [flow])
     resume_schedule(db_url, "reports")  # not paused: nothing to do
@@ -266,7 +245,7 @@ def _owner(url: str, name: str) -> tuple[str, str] | None:
 
 
 def test_deploy_refuses_a_schedule_name_another_flow_owns(db_url: str) -> None:
-    deploy_flows(db_url, reports({"cron": "0 * * * *", "name": "nightly"}))
+    deploy_flows(db_url, reports_flow({"cron": "0 * * * *", "name": "nightly"}))
     other = Flow("other_app_flow")
     other.step(slug="echo")(lambda input: input)
     other.schedule("0 4 * * *", name="nightly")
@@ -283,7 +262,7 @@ def test_deploy_refuses_a_schedule_name_another_flow_owns(db_url: str) -> None:
 
 
 def test_alembic_create_schedule_refuses_a_name_another_flow_owns(db_url: str) -> None:
-    deploy_flows(db_url, reports({"cron": "0 * * * *", "name": "nightly"}))
+    deploy_flows(db_url, reports_flow({"cron": "0 * * * *", "name": "nightly"}))
     (script,) = CreateScheduleOp("nightly", "other_app_flow", "0 4 * * *").scripts()
     with pytest.raises(psycopg.errors.RaiseException, match="belongs to flow 'reports'"):
         execute(db_url, script)
@@ -311,11 +290,11 @@ def _prefixed(prefix: str, tick: datetime) -> dict[str, Any]:
 )
 def test_an_input_callable_without_a_stable_name_is_refused(function: Any) -> None:
     with pytest.raises(FlowDefinitionError, match="give a function defined with def"):
-        reports({"cron": "* * * * *", "input": function})
+        reports_flow({"cron": "* * * * *", "input": function})
 
 
 def test_a_deploy_of_unchanged_input_functions_changes_nothing(db_url: str) -> None:
-    flow = reports(
+    flow = reports_flow(
         {"cron": "* * * * *", "name": "by_def", "input": computed},
         {"cron": "* * * * *", "name": "by_lambda", "input": lambda tick: {}},
     )
@@ -346,7 +325,7 @@ def test_trigger_computes_the_input_without_the_row_locked(db_url: str) -> None:
                 seen.append(True)
         return {"at": tick.isoformat()}
 
-    flow = reports({"cron": "0 * * * *", "name": "probe", "input": probe})
+    flow = reports_flow({"cron": "0 * * * *", "name": "probe", "input": probe})
     deploy_flows(db_url, flow)
     run_id = trigger_schedule(db_url, "probe", flows=[flow])
     assert seen == [False]

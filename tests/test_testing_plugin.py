@@ -83,3 +83,47 @@ def test_plain_pytest_imports_the_project_in_a_fresh_project(tmp_path: Path) -> 
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 passed" in proc.stdout
+
+
+def test_the_worker_fixture_fires_schedules_only_when_asked(tmp_path: Path) -> None:
+    """A test's worker leaves the flows' cron schedules alone (a schedule firing in
+    the middle of a test would start runs it did not ask for), unless the test is
+    marked ``pgflow_schedules``."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\nasyncio_mode = auto\n")
+    (tmp_path / "conftest.py").write_text(
+        "import pytest\n\nfrom pgflow_sa import Flow\n\n"
+        "ticking = Flow('ticking')\n"
+        "ticking.step(slug='tick')(lambda i, c: i)\n"
+        "ticking.schedule('* * * * * *', name='every_second')\n\n\n"
+        "@pytest.fixture(scope='session')\n"
+        "def pgflow_flows():\n"
+        "    return [ticking]\n"
+    )
+    (tmp_path / "test_ticks.py").write_text(
+        "import asyncio\n\nimport pytest\nfrom sqlalchemy import text\n\n\n"
+        "async def runs(engine):\n"
+        "    async with engine.connect() as conn:\n"
+        "        return (await conn.execute(text('SELECT count(*) FROM pgflow.runs'))).scalar()\n\n\n"
+        "async def test_left_alone(pgflow_worker, pgflow_engine):\n"
+        "    await asyncio.sleep(2.5)\n"
+        "    assert await runs(pgflow_engine) == 0\n\n\n"
+        "@pytest.mark.pgflow_schedules\n"
+        "async def test_fired(pgflow_worker, pgflow_engine):\n"
+        "    for _ in range(100):\n"
+        "        if await runs(pgflow_engine):\n"
+        "            return\n"
+        "        await asyncio.sleep(0.1)\n"
+        "    raise AssertionError('no tick fired in 10 s')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [str(BIN / "pytest"), "-q", "-p", "no:cacheprovider", "--strict-markers", str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 passed" in proc.stdout

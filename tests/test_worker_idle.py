@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import time
 from typing import Any
 
@@ -13,7 +14,7 @@ from pgflow_sa import Context, Flow, start_flow_and_wait_async, start_flows_asyn
 from pgflow_sa.config import async_engine_from_url
 from pgflow_sa.worker import WorkerSettings
 
-from .worker_harness import deploy, running_worker
+from .worker_harness import FAST, deploy, running_worker
 
 busy = Flow("conn_busy")
 
@@ -29,14 +30,7 @@ async def total(values: Any, ctx: Context) -> int:
     return sum(values["item"])
 
 
-SETTINGS = WorkerSettings(
-    max_concurrency=20,
-    poll_interval=0.5,
-    fallback_poll_interval=0.05,
-    heartbeat_interval=0.2,
-    recovery_interval=0.2,
-    shutdown_timeout=5,
-)
+SETTINGS = dataclasses.replace(FAST, max_concurrency=20)
 
 
 def _worker_connections(url: str) -> list[int]:

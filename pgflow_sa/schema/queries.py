@@ -170,7 +170,10 @@ def flow_status(window_seconds: int, live_seconds: int) -> TextClause:
     """One row per flow: the messages in its queue, runs in progress, runs completed,
     failed and cancelled in the last ``window_seconds`` and retries started then, the
     queued tasks of steps at a concurrency limit (or of a flow at its own), and workers
-    whose heartbeat is younger than ``live_seconds`` (not deprecated)."""
+    whose heartbeat is younger than ``live_seconds`` (not deprecated). The completed
+    and failed counts are ranges of the index ``pgflow_sa_runs_finished``
+    (pgflow_sa.schema.indexes): hence ``coalesce(completed_at, failed_at)``, its
+    expression."""
     return text(
         """
         SELECT f.flow_slug,
@@ -179,10 +182,12 @@ def flow_status(window_seconds: int, live_seconds: int) -> TextClause:
                  WHERE r.flow_slug = f.flow_slug AND r.status = 'started') AS running,
                (SELECT count(*) FROM pgflow.runs r
                  WHERE r.flow_slug = f.flow_slug AND r.status = 'completed'
-                   AND r.completed_at > now() - make_interval(secs => :window)) AS completed,
+                   AND coalesce(r.completed_at, r.failed_at)
+                       > now() - make_interval(secs => :window)) AS completed,
                (SELECT count(*) FROM pgflow.runs r
                  WHERE r.flow_slug = f.flow_slug AND r.status = 'failed'
-                   AND r.failed_at > now() - make_interval(secs => :window)
+                   AND coalesce(r.completed_at, r.failed_at)
+                       > now() - make_interval(secs => :window)
                    AND NOT EXISTS (SELECT 1 FROM pgflow_sa.run_cancellations c
                                     WHERE c.run_id = r.run_id)) AS failed,
                (SELECT count(*) FROM pgflow_sa.run_cancellations c

@@ -307,7 +307,7 @@ def create_schedule_sql(definition: Mapping[str, Any]) -> str:
         .replace("%", "%%")
         .replace("'%%'", "%")
     )
-    return f"""DO $pgflow_sa$
+    body = f"""
 DECLARE
   owner text;
 BEGIN
@@ -319,7 +319,18 @@ BEGIN
     RAISE EXCEPTION {message}, quote_literal(owner), quote_literal(owner);
   END IF;
 END
-$pgflow_sa$;"""
+"""
+    return f"DO {dollar_quoted(body)};"
+
+
+def dollar_quoted(body: str) -> str:
+    """``body`` in dollar quotes whose tag does not occur in it (a schedule's input or
+    name may hold any text, ``$pgflow_sa$`` included)."""
+    tag, n = "$pgflow_sa$", 0
+    while tag in body:
+        n += 1
+        tag = f"$pgflow_sa_{n}$"
+    return f"{tag}{body}{tag}"
 
 
 def alter_schedule_sql(name: str, changes: Mapping[str, Any]) -> str:

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    func,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
@@ -127,6 +128,13 @@ runs = Table(
     # pgflow-sa's own (pgflow_sa.schema.indexes): runs newest first
     Index("pgflow_sa_runs_started_at", "started_at", "run_id"),
     schema=PGFLOW_SCHEMA,
+)
+# pgflow-sa's own: runs of a flow by status and by when they finished
+Index(
+    "pgflow_sa_runs_finished",
+    runs.c.flow_slug,
+    runs.c.status,
+    func.coalesce(runs.c.completed_at, runs.c.failed_at),
 )
 
 STEP_STATUSES = ("created", "started", "completed", "failed")

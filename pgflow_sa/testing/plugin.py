@@ -13,7 +13,8 @@ Fixtures:
   ``PGFLOW_SA_TEST_DATABASE_URL`` or else an embedded PostgreSQL;
 - ``pgflow_engine`` — an AsyncEngine (asyncpg) on that database;
 - ``pgflow_worker`` — a :class:`~pgflow_sa.worker.Worker` for your flows running on
-  the test's event loop (needs pytest-asyncio).
+  the test's event loop (needs pytest-asyncio). It fires no cron schedule, unless the
+  test is marked ``@pytest.mark.pgflow_schedules``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,17 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
         path = str(folder)
         if path not in sys.path:
             sys.path.append(path)
+
+
+SCHEDULES_MARKER = "pgflow_schedules"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{SCHEDULES_MARKER}: the pgflow_worker fixture fires the flows' cron schedules "
+        "(without it, it fires none)",
+    )
 
 
 def with_database(url: str, database: str) -> str:
@@ -179,16 +191,23 @@ else:
         await engine.dispose()
 
     @pytest_asyncio.fixture
-    async def pgflow_worker(pgflow_engine: Any, pgflow_flows: Any) -> AsyncIterator[Any]:
+    async def pgflow_worker(
+        request: pytest.FixtureRequest, pgflow_engine: Any, pgflow_flows: Any
+    ) -> AsyncIterator[Any]:
         import asyncio
 
         from ..worker import Worker, WorkerSettings
 
+        # a schedule firing in the middle of a test would start runs it did not ask for
+        fire_schedules = request.node.get_closest_marker(SCHEDULES_MARKER) is not None
         worker = Worker(
             pgflow_flows,
             engine=pgflow_engine,
             settings=WorkerSettings(
-                poll_interval=0.2, fallback_poll_interval=0.02, shutdown_timeout=5
+                poll_interval=0.2,
+                fallback_poll_interval=0.02,
+                shutdown_timeout=5,
+                fire_schedules=fire_schedules,
             ),
         )
         task = asyncio.create_task(worker.run())

@@ -20,6 +20,7 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import QueuePool
 
 from .. import events
 from .._backoff import Backoff
@@ -255,7 +256,7 @@ class Worker:
                 asyncio.create_task(supervise("completion", batcher.run)),
                 asyncio.create_task(supervise("heartbeat", self._heartbeats)),
             ]
-            if any(flow.schedules for flow in self.registry):
+            if self.settings.fire_schedules and any(flow.schedules for flow in self.registry):
                 # only a worker whose flows declare schedules looks at them (a look a
                 # second); the others run no query for them
                 scheduler = Scheduler(self.engine, list(self.registry))
@@ -412,9 +413,9 @@ class Worker:
         idle_for = time.monotonic() - self._last_busy
         if self._tasks or idle_for < IDLE_HEARTBEATS * self.settings.heartbeat_interval:
             return
-        checkedin = getattr(self.engine.pool, "checkedin", lambda: 0)
-        if checkedin() > 1:
-            logger.debug("idle: closing %d spare connection(s)", checkedin() - 1)
+        pool = self.engine.pool  # the worker's own engine: a QueuePool (asyncio adapted)
+        if isinstance(pool, QueuePool) and pool.checkedin() > 1:
+            logger.debug("idle: closing %d spare connection(s)", pool.checkedin() - 1)
             async with self.engine.connect() as conn:
                 await conn.run_sync(lambda sync: sync.engine.pool.dispose())
 

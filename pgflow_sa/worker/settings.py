@@ -41,6 +41,9 @@ class WorkerSettings:
     max_backoff: float = 5.0
     #: listen for notifications (pgflow-sa's publisher, pgmq notify-on-insert) to wake up
     use_notifications: bool = True
+    #: fire the cron schedules its flows declare when they are due (the pytest plugin's
+    #: worker does not, unless a test is marked ``pgflow_schedules``)
+    fire_schedules: bool = True
     #: plan_cache_mode of the worker's own connections. pgflow's PL/pgSQL functions cache
     #: plans per session; "auto" (PostgreSQL's default) may settle on a generic plan,
     #: which connection_lifetime bounds; "force_custom_plan" plans every call for the
