@@ -46,7 +46,7 @@ T = TypeVar("T")
 #: seconds before a task handed back after a lost connection is offered again
 RECONNECT_DELAY = 1
 #: the error of a task whose run ended while its handler ran
-CANCELLED_MESSAGE = "Cancelled: the run ended (cancelled or failed) while this task ran"
+CANCELLED_MESSAGE = "Discarded: the run failed while this task ran (its handler was cancelled)"
 #: hand-backs after lost connections in a row, per task, before its handler's error
 #: counts as a failure (a handler whose query kills its own backend every time)
 MAX_RECONNECTS = 3
