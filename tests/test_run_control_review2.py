@@ -1,5 +1,5 @@
 """Findings of the second adversarial review of run control and the dashboard's
-actions, each reproduced through public means (xfail until fixed)."""
+actions, each reproduced through public means (each failed before its fix)."""
 
 from __future__ import annotations
 
@@ -63,13 +63,6 @@ def _charges(url: str) -> int:
     return int(n)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="retry_run(reuse_outputs=True) reuses only the tasks completed in the run it "
-    "retries: a reusing retry that ended before its reused tasks were claimed (cancelled "
-    "at once, or failed by another branch while a limit held them back) hands nothing "
-    "on, and a retry of it runs the original's completed side effects again",
-)
 def test_a_retry_of_a_reusing_retry_that_never_ran_still_reuses_the_original(
     engine: Engine, prepared: str, worker: WorkerProcess
 ) -> None:
@@ -90,13 +83,6 @@ def test_a_retry_of_a_reusing_retry_that_never_ran_still_reuses_the_original(
     assert _charges(prepared) == 1  # 2: charge ran again in the third run
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the form token is a plain double-submit cookie: any 43-character value the "
-    "browser presents as the cookie is accepted, so a cookie planted by a sibling "
-    "subdomain or over plain http (with a browser that sends no Sec-Fetch-Site) "
-    "passes the check; an HMAC-signed token (or a __Host- cookie) would not",
-)
 def test_a_form_token_the_dashboard_never_issued_is_refused(db_url: str) -> None:
     run_id = _idle_run(db_url)
     planted = "A" * 43
