@@ -1,9 +1,5 @@
 """The dashboard's run actions taken for real: Cancel, Retry and "Retry reusing
-outputs" clicked in Chromium, on a dashboard built with ``allow_actions=True``.
-
-TO ENABLE AFTER RUN CONTROL IS MERGED: this file needs ``pgflow_sa.cancel_run``,
-``pgflow_sa.retry_run``, ``Run.cancelled`` and ``Run.retry_of``. Without them the
-actions answer 501 ("this pgflow-sa has no cancel_run") and these tests fail. The
+outputs" clicked in Chromium, on a dashboard built with ``allow_actions=True``. The
 read-only default, the buttons shown per run status, the form token, the
 Sec-Fetch-Site check and the auth hook are tested in tests/test_dashboard.py."""
 
@@ -49,7 +45,7 @@ def _click(driver: webdriver.Chrome, action: str) -> None:
         lambda d: d.execute_script("return window.beforeAction") is None
     )
     problems = driver.find_elements(By.CSS_SELECTOR, "p.problem")
-    assert not problems, problems[0].text  # e.g. run control missing: a 501 page
+    assert not problems, problems[0].text
 
 
 def test_actions_cancel_and_retry(
@@ -65,7 +61,11 @@ def test_actions_cancel_and_retry(
         assert browser.current_url == f"{base}/runs/{idle}"
         run = _run(url, idle)
         assert run.cancelled and run.finished
-        assert not browser.find_elements(By.CSS_SELECTOR, "button[data-action]")
+        offered = browser.find_elements(By.CSS_SELECTOR, "button[data-action]")
+        assert [b.get_attribute("data-action") for b in offered] == [
+            "retry",
+            "retry_reusing_outputs",
+        ]  # a cancelled run can be retried, not cancelled again
         browser.save_screenshot(str(SCREENSHOTS / "run-cancelled.png"))
 
         # Retry a failed run, then retry it reusing outputs: each opens the retry

@@ -312,5 +312,27 @@ def test_unknown_step_option() -> None:
     flow = Flow("f")
     assert _error(lambda: flow.step(slug="s", retries=3)(noop)) == (  # type: ignore[call-overload]
         "Flow 'f': unknown step option(s) ['retries']; use slug, depends_on, max_attempts, "
-        "base_delay, timeout, start_delay"
+        "base_delay, timeout, start_delay, max_concurrency"
+    )
+
+
+def test_concurrency_limits_are_checked_and_left_out_of_the_compiled_sql() -> None:
+    from pgflow_sa import FlowLimits, compile_flow
+
+    flow = Flow("limited_f", max_concurrency=4, max_running_runs=2)
+    flow.step(slug="a", max_concurrency=1)(noop)
+    flow.map(slug="b", depends_on="a")(noop)
+    assert flow.limits() == FlowLimits(4, 2, {"a": 1})
+    assert compile_flow(flow) == [
+        "SELECT pgflow.create_flow('limited_f');",
+        "SELECT pgflow.add_step('limited_f', 'a');",
+        "SELECT pgflow.add_step('limited_f', 'b', ARRAY['a'], step_type => 'map');",
+    ]
+    assert Flow("plain").limits() is None
+    assert _error(lambda: Flow("x", max_concurrency=0)) == (
+        "Flow 'x': max_concurrency must be a whole number of at least 1 (or None for no "
+        "limit), not 0"
+    )
+    assert _error(lambda: flow.step(slug="c", max_concurrency=True)(noop)).endswith(
+        "max_concurrency must be a whole number of at least 1 (or None for no limit), not True"
     )

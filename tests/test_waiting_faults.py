@@ -61,6 +61,11 @@ def _role(url: str, *, grants: bool, limit: int = -1) -> Iterator[str]:
         if grants:
             admin.execute(f"GRANT USAGE ON SCHEMA pgflow TO {name}")
             admin.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA pgflow TO {name}")
+            # runs are read with their cancellation and retry (run control)
+            admin.execute(f"GRANT USAGE ON SCHEMA pgflow_sa TO {name}")
+            admin.execute(
+                f"GRANT SELECT ON pgflow_sa.run_cancellations, pgflow_sa.run_retries TO {name}"
+            )
     try:
         yield name
     finally:

@@ -7,13 +7,16 @@ Cross-site requests are refused twice over: a browser that says where a request
 comes from (``Sec-Fetch-Site``) must say ``same-origin``, and every form carries a
 token that must equal the one in a cookie of the dashboard's own (a site elsewhere
 can make a browser send that cookie, not read it). Neither depends on the Host
-header, which a mount behind a proxy may not see as the browser did.
-
-The run control functions (``pgflow_sa.cancel_run``, ``pgflow_sa.retry_run``) are
-looked up when an action is taken: without them the action answers 501."""
+header, which a mount behind a proxy may not see as the browser did. (A site that
+can set cookies for the dashboard's host, such as a sibling subdomain, could plant
+a token of its choosing for a browser that sends no ``Sec-Fetch-Site``: put the
+dashboard behind the app's authentication hook.)"""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import secrets
 import urllib.parse
 import uuid
@@ -26,7 +29,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from ..exceptions import DatabaseUnavailableError, PgflowSaError, RunNotFoundError
+from ..control import cancel_run, retry_run
+from ..exceptions import DatabaseUnavailableError, PgflowSaError, RunNotFoundError, RunStateError
 from ..models import Run, RunStatus
 from .database import Database
 from .views import path_for
@@ -38,32 +42,16 @@ TOKEN_FIELD = "csrf_token"
 MAX_FORM_BYTES = 4096
 
 
-class RunControlUnavailableError(PgflowSaError):
-    """This pgflow-sa has no run control (cancel_run, retry_run): upgrade pgflow-sa."""
-
-
-def _run_control(name: str) -> Callable[..., Run]:
-    import pgflow_sa  # at call time: run control may be newer than this module
-
-    function: Callable[..., Run] | None = getattr(pgflow_sa, name, None)
-    if function is None:
-        raise RunControlUnavailableError(
-            f"this pgflow-sa has no {name}: the dashboard's actions need a pgflow-sa with "
-            "run control (pip install -U pgflow-sa)"
-        )
-    return function
-
-
 def _cancel(conn: Connection, run_id: uuid.UUID) -> Run:
-    return _run_control("cancel_run")(conn, run_id)
+    return cancel_run(conn, run_id, reason="from the dashboard")
 
 
 def _retry(conn: Connection, run_id: uuid.UUID) -> Run:
-    return _run_control("retry_run")(conn, run_id)
+    return retry_run(conn, run_id)
 
 
 def _retry_reusing_outputs(conn: Connection, run_id: uuid.UUID) -> Run:
-    return _run_control("retry_run")(conn, run_id, reuse_outputs=True)
+    return retry_run(conn, run_id, reuse_outputs=True)
 
 
 @dataclass(frozen=True)
@@ -83,20 +71,41 @@ class Action:
 
 RUN_ACTIONS: tuple[Action, ...] = (
     Action("cancel", "Cancel", frozenset({RunStatus.STARTED}), _cancel),
-    Action("retry", "Retry", frozenset({RunStatus.FAILED}), _retry),
+    Action("retry", "Retry", frozenset({RunStatus.FAILED, RunStatus.CANCELLED}), _retry),
     Action(
         "retry_reusing_outputs",
         "Retry reusing outputs",
-        frozenset({RunStatus.FAILED}),
+        frozenset({RunStatus.FAILED, RunStatus.CANCELLED}),
         _retry_reusing_outputs,
     ),
 )
 
 
-def form_token(request: Request) -> str:
-    """The browser's form token: its cookie's, or a new one (set by :func:`remember`)."""
-    token = request.cookies.get(TOKEN_COOKIE, "")
-    return token if len(token) == 43 and token.isascii() else secrets.token_urlsafe(32)
+class Tokens:
+    """Form tokens signed with a secret of this app (HMAC-SHA256): a token the app
+    never issued (say, a cookie planted by a sibling subdomain) is refused. Several
+    processes serving one dashboard behind a load balancer share ``secret``."""
+
+    def __init__(self, secret: bytes | None = None) -> None:
+        self._secret = secret or secrets.token_bytes(32)
+
+    def _sign(self, nonce: str) -> str:
+        digest = hmac.new(self._secret, nonce.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+    def issue(self) -> str:
+        nonce = secrets.token_urlsafe(24)
+        return f"{nonce}.{self._sign(nonce)}"
+
+    def valid(self, token: str) -> bool:
+        nonce, _, signature = token.partition(".")
+        return bool(nonce) and secrets.compare_digest(signature, self._sign(nonce))
+
+    def for_request(self, request: Request) -> str:
+        """The browser's form token: its cookie's when this app issued it, or a new
+        one (set by :func:`remember`)."""
+        token = request.cookies.get(TOKEN_COOKIE, "")
+        return token if token.isascii() and self.valid(token) else self.issue()
 
 
 def remember(request: Request, response: Response, token: str) -> None:
@@ -114,7 +123,7 @@ def remember(request: Request, response: Response, token: str) -> None:
     )
 
 
-async def _refusal(request: Request) -> str | None:
+async def _refusal(request: Request, tokens: Tokens) -> str | None:
     """Why this POST is not taken as the dashboard's own form, or None."""
     site = request.headers.get("sec-fetch-site")
     if site is not None and site != "same-origin":
@@ -126,7 +135,13 @@ async def _refusal(request: Request) -> str | None:
             return "a run action's form is a token only: this body is too large"
     sent = urllib.parse.parse_qs(body.decode("latin-1")).get(TOKEN_FIELD, [""])[0]
     kept = request.cookies.get(TOKEN_COOKIE, "")
-    if not sent or not kept or not secrets.compare_digest(sent.encode(), kept.encode()):
+    if (
+        not sent
+        or not kept
+        or not kept.isascii()
+        or not secrets.compare_digest(sent.encode(), kept.encode())
+        or not tokens.valid(kept)
+    ):
         return (
             "this form's token is missing or does not match this browser's: "
             "reload the run page and try again"
@@ -137,7 +152,7 @@ async def _refusal(request: Request) -> str | None:
 Problem = Callable[[Request, str, int], Response]
 
 
-def routes(db: Database | None, problem: Problem) -> list[BaseRoute]:
+def routes(db: Database | None, problem: Problem, tokens: Tokens) -> list[BaseRoute]:
     """The action route: taking actions with ``db``, or, when None (a read-only
     app), refusing every one with a 403."""
     by_name = {action.name: action for action in RUN_ACTIONS}
@@ -151,7 +166,7 @@ def routes(db: Database | None, problem: Problem) -> list[BaseRoute]:
 
     async def act(request: Request) -> Response:
         assert db is not None
-        refusal = await _refusal(request)
+        refusal = await _refusal(request, tokens)
         if refusal is not None:
             return problem(request, refusal, 403)
         wanted = request.path_params["action"]
@@ -169,14 +184,14 @@ def routes(db: Database | None, problem: Problem) -> list[BaseRoute]:
         try:
             async with db.begin() as conn:
                 run = await conn.run_sync(perform)
-        except RunControlUnavailableError as exc:
-            return problem(request, str(exc), 501)
         except RunNotFoundError as exc:
             return problem(request, str(exc), 404)
+        except RunStateError as exc:  # e.g. a cancel of a run that has finished
+            return problem(request, str(exc), 409)
         except DatabaseUnavailableError:
             raise  # the app's 503
-        except PgflowSaError as exc:  # e.g. a cancel of a run that has finished
-            return problem(request, str(exc), 409)
+        except PgflowSaError as exc:  # refused by the database (privileges, a table missing)
+            return problem(request, str(exc), 500)
         return RedirectResponse(path_for(request.scope, "run", run_id=str(run.run_id)), 303)
 
     return [

@@ -103,13 +103,16 @@ def dashboard_app(
     allow_actions: bool = False,
     show_payloads: bool = True,
     auth: Auth | None = None,
+    secret: bytes | None = None,
 ) -> Starlette:
     """The dashboard as an ASGI app: serve it (``pgflow-sa dashboard``), mount it in
     FastAPI (``app.mount("/pgflow", dashboard_app(engine))``) or in Flask through an
     ASGI-to-WSGI adapter. Read-only unless ``allow_actions``; ``show_payloads=False``
     shows no run or task input and output; ``auth(request)`` returning false (or an
-    awaitable of false) answers 403."""
+    awaitable of false) answers 403. ``secret`` signs the actions' form tokens (by
+    default a random one per app: give processes serving one dashboard the same)."""
     db = Database(engine)
+    tokens = actions.Tokens(secret)
     templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
     templates.env.globals.update(
         when=views.when,
@@ -240,7 +243,7 @@ def dashboard_app(
             for s in shown
         ]
         more = max(totals.values(), default=0) > after + 1 + size
-        token = actions.form_token(request) if allow_actions else None
+        token = tokens.for_request(request) if allow_actions else None
         response = page(
             request,
             "run.html",
@@ -304,7 +307,7 @@ def dashboard_app(
         Route("/runs/{run_id}/events", run_events, name="run_events"),
         Route("/schedules", schedules_page, name="schedules"),
         Route("/workers", workers_page, name="workers"),
-        *actions.routes(db if allow_actions else None, problem),
+        *actions.routes(db if allow_actions else None, problem, tokens),
     ]
     if show_payloads:  # else the pages show none, and no route serves them
         routes.extend(payloads.routes(db))

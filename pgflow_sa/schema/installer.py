@@ -149,6 +149,7 @@ SELECT
   obj_description(to_regprocedure(:realtime_send), 'pg_proc') AS realtime_send_comment,
   to_regclass('pgflow.flows') IS NOT NULL AS has_pgflow,
   (SELECT bool_and(to_regclass(t) IS NOT NULL) FROM unnest(CAST(:our_tables AS text[])) AS t)
+    AND to_regprocedure('pgflow_sa.reused_output(uuid,text,integer)') IS NOT NULL
     AS has_tables,
   to_regclass(:record_table) IS NOT NULL AS has_record,
   coalesce(

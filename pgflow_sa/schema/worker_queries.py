@@ -527,16 +527,11 @@ LEFT JOIN (
     FROM claimed c
     LEFT JOIN pgflow.steps s ON s.flow_slug = :queue AND s.step_slug = c.step_slug
     LEFT JOIN pgflow.flows f ON f.flow_slug = :queue
-    -- a retry that reuses outputs: the same task completed in the run it retries (its
-    -- inputs were the same: every step it depends on completed there too, and is
-    -- reused here in turn); primary-key lookups, nothing when there is no retry
+    -- a retry that reuses outputs: the output of the same task in the run it retries
+    -- (or before, see pgflow_sa.reused_output); nothing when there is no retry
     LEFT JOIN LATERAL (
-        SELECT true AS reused, o.output
-        FROM pgflow_sa.run_retries rr
-        JOIN pgflow.step_tasks o
-          ON o.run_id = rr.retry_of AND o.step_slug = c.step_slug
-         AND o.task_index = c.task_index AND o.status = 'completed'
-        WHERE rr.run_id = c.run_id AND rr.reuse_outputs
+        SELECT true AS reused, ro.reused_output AS output
+        FROM pgflow_sa.reused_output(c.run_id, c.step_slug, c.task_index) AS ro
     ) AS reuse ON true
 ) AS x ON true
 """

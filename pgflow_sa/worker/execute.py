@@ -45,8 +45,6 @@ T = TypeVar("T")
 
 #: seconds before a task handed back after a lost connection is offered again
 RECONNECT_DELAY = 1
-#: the error of a task whose run ended while its handler ran
-CANCELLED_MESSAGE = "Discarded: the run failed while this task ran (its handler was cancelled)"
 #: hand-backs after lost connections in a row, per task, before its handler's error
 #: counts as a failure (a handler whose query kills its own backend every time)
 MAX_RECONNECTS = 3
@@ -176,8 +174,9 @@ class TaskRunner:
             logger.info("the run of %s ended: its handler was cancelled", task.describe())
             events.emit("task.cancelled", elapsed, **meta)
             # cancel_run has failed the task already (then this writes nothing); a run
-            # that another task failed leaves it started, and this ends it
-            await self.settler.fail([(task, CANCELLED_MESSAGE)])
+            # that another task failed leaves it started: the fenced completion of a
+            # task of a failed run ends it, saying which step failed the run and why
+            await self._complete(task, None)
             return
         elif result.kind == "timeout":
             message = (

@@ -50,3 +50,40 @@ CREATE TABLE IF NOT EXISTS pgflow_sa.admitted_runs (
 );
 CREATE INDEX IF NOT EXISTS idx_admitted_runs_flow_slug ON pgflow_sa.admitted_runs (flow_slug);
 COMMENT ON TABLE pgflow_sa.admitted_runs IS 'pgflow-sa: v1 runs admitted under a run limit';
+
+-- The output a retry that reuses outputs gives a task: the same task's, completed in
+-- the run it retries or in the nearest run before it along a chain of reusing retries
+-- (a retry that ended before its task was claimed hands the original's on); no row
+-- when there is none. Its inputs are the same: every step it depends on completed in
+-- that run too, and is reused in turn from there or a nearer run that reused it.
+-- VOLATILE, so that it reads with a snapshot of its own: a claim's statement may start
+-- a task created by a transaction that committed after the statement's snapshot (its
+-- message is read by pgmq.read, which takes a new one), and the retry's row committed
+-- with it. Primary-key lookups.
+CREATE OR REPLACE FUNCTION pgflow_sa.reused_output(
+  p_run_id uuid, p_step_slug text, p_task_index integer
+) RETURNS TABLE (reused_output jsonb)
+LANGUAGE plpgsql VOLATILE
+SET search_path = ''
+AS $reused$
+#variable_conflict use_column
+BEGIN
+  RETURN QUERY
+  WITH RECURSIVE chain (run_id, depth) AS (
+    SELECT rr.retry_of, 1 FROM pgflow_sa.run_retries rr
+    WHERE rr.run_id = p_run_id AND rr.reuse_outputs
+    UNION ALL
+    SELECT rr.retry_of, chain.depth + 1 FROM chain
+    JOIN pgflow_sa.run_retries rr ON rr.run_id = chain.run_id AND rr.reuse_outputs
+    WHERE chain.depth < 100
+  )
+  SELECT o.output FROM chain
+  JOIN pgflow.step_tasks o
+    ON o.run_id = chain.run_id AND o.step_slug = p_step_slug
+   AND o.task_index = p_task_index AND o.status = 'completed'
+  ORDER BY chain.depth
+  LIMIT 1;
+END
+$reused$;
+COMMENT ON FUNCTION pgflow_sa.reused_output(uuid, text, integer) IS
+  'pgflow-sa: v1 the output a reusing retry gives a task';
