@@ -6,7 +6,7 @@ Notifications are hints; the tables are the truth."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -23,11 +23,18 @@ class Listener:
     def __init__(
         self,
         engine: AsyncEngine,
-        flow_slugs: Iterable[str],
+        flow_steps: Mapping[str, Iterable[str]],
         wake_all: Callable[[], None],
         wake_flow: Callable[[str], None],
     ) -> None:
-        self._slugs = list(flow_slugs)
+        """``flow_steps``: the step slugs of each served flow (by flow slug)."""
+        self._slugs = list(flow_steps)
+        #: the served flows that have a step of this slug (pgflow's step events do not
+        #: name the flow)
+        self._flows_by_step: dict[str, list[str]] = {}
+        for flow_slug, step_slugs in flow_steps.items():
+            for step_slug in step_slugs:
+                self._flows_by_step.setdefault(step_slug, []).append(flow_slug)
         self._wake_all = wake_all
         self._wake_flow = wake_flow
         self._pgflow_events = False
@@ -61,7 +68,7 @@ class Listener:
         # Called for every pgflow event in the database: decide on cheap substring
         # checks first (the publisher writes "event" as "step:<slug>:started" etc.).
         if ':started"' in payload and '"step:' in payload:
-            self._wake_all()
+            self._on_step_started(payload)
             return
         if not events.has_subscribers() or (
             '"run:completed"' not in payload and '"run:failed"' not in payload
@@ -79,3 +86,14 @@ class Listener:
                 flow_slug=event.payload.get("flow_slug"),
                 run_id=str(event.run_id),
             )
+
+    def _on_step_started(self, payload: str) -> None:
+        """Wake the pollers of the flows that have a step of this slug (each started
+        step's event wakes them once: the completion that started it does not); an
+        event that names no step wakes them all."""
+        event = parse_notification(payload)
+        if event is None or event.step_slug is None:
+            self._wake_all()
+            return
+        for flow_slug in self._flows_by_step.get(event.step_slug, ()):
+            self._wake_flow(flow_slug)

@@ -114,6 +114,8 @@ class Worker:
         self._stop_requested = False  # stop() may come before run() has begun
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: TaskRunner | None = None
+        #: whether pgflow's events wake the pollers (set by run())
+        self._notified: Callable[[], bool] = lambda: False
         self.budget: Budget | None = None
         self.ready: asyncio.Event | None = None  # set once serving (created by run())
 
@@ -211,8 +213,12 @@ class Worker:
             FlowInputs(self.engine),
         )
         listener = Listener(
-            self._listen_engine or self.engine, self.worker_ids, self._wake_all, self._wake_flow
+            self._listen_engine or self.engine,
+            {flow.slug: [step.slug for step in flow.steps] for flow in self.registry},
+            self._wake_all,
+            self._wake_flow,
         )
+        self._notified = lambda: listener.notified
         started_at = time.monotonic()
         reason = "stopped"
         background: list[asyncio.Task[None]] = []
@@ -336,10 +342,12 @@ class Worker:
             self._last_busy = time.monotonic()
             if not f.cancelled() and f.exception() is not None:
                 logger.error("running %s failed", task.describe(), exc_info=f.exception())
-            elif task.state is TaskState.SETTLED:
+            elif task.state is TaskState.SETTLED and not (task.completed and self._notified()):
                 # its completion has committed (the steps that depend on it may be queued
                 # now) or its failure (a retry may be due sooner than the poller knows):
-                # poll at once rather than wait for a notification
+                # poll at once. A completion the worker wrote itself announces the steps
+                # it started with pgflow's step:started events: while those arrive, they
+                # alone wake the poller (once per started step, not twice)
                 self._wake_flow(task.flow.slug)
 
         future.add_done_callback(done)

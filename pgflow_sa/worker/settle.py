@@ -77,6 +77,8 @@ class Settler:
             return
         if done is None:
             return
+        for task, _ in items:
+            task.completed = task.key in done
         await self._record([t for t, _ in items], done, TaskState.SETTLED)
         self.completed += sum(1 for t, _ in items if t.key in done)
 
