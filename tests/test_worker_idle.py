@@ -184,3 +184,44 @@ async def test_each_started_step_costs_one_claim(db_url: str) -> None:
         (p.metadata["flow_slug"], p.measurements["messages"] > 0) for p in polls
     )
     assert claims == {("idle_chain", True): 15}, claims
+
+
+diamond = Flow("idle_diamond")
+
+
+@diamond.step
+async def top(input: Any, ctx: Context) -> list[int]:
+    return [1, 2, 3]
+
+
+@diamond.map(depends_on=top)
+async def each(value: int, ctx: Context) -> int:
+    return value * 2
+
+
+@diamond.step(depends_on=[top])
+async def side(input: Any, ctx: Context) -> int:
+    return 10
+
+
+@diamond.step(depends_on=[each, side])
+async def bottom(input: Any, ctx: Context) -> int:
+    return sum(input["each"]) + input["side"]
+
+
+async def test_steps_started_by_several_or_by_a_map_are_woken_too(db_url: str) -> None:
+    """Steps whose start no single completion announces (a map's tasks, a step with two
+    dependencies) are woken by their events: with a 60 s idle poll, a lost wake-up
+    would stall the run past its timeout."""
+    deploy(db_url, diamond)
+    settings = WorkerSettings(
+        poll_interval=60, heartbeat_interval=0.5, recovery_interval=60, shutdown_timeout=5
+    )
+    engine = async_engine_from_url(db_url)
+    try:
+        async with running_worker(diamond, db_url, settings=settings):
+            for _ in range(5):
+                run = await start_flow_and_wait_async(engine, diamond, {}, timeout=20)
+                assert run.output == {"bottom": 22}
+    finally:
+        await engine.dispose()

@@ -6,7 +6,8 @@ Notifications are hints; the tables are the truth."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping
+import uuid
+from collections.abc import Callable, Iterable
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -23,18 +24,15 @@ class Listener:
     def __init__(
         self,
         engine: AsyncEngine,
-        flow_steps: Mapping[str, Iterable[str]],
+        flow_slugs: Iterable[str],
         wake_all: Callable[[], None],
         wake_flow: Callable[[str], None],
+        step_started: Callable[[uuid.UUID | None, str | None], None],
     ) -> None:
-        """``flow_steps``: the step slugs of each served flow (by flow slug)."""
-        self._slugs = list(flow_steps)
-        #: the served flows that have a step of this slug (pgflow's step events do not
-        #: name the flow)
-        self._flows_by_step: dict[str, list[str]] = {}
-        for flow_slug, step_slugs in flow_steps.items():
-            for step_slug in step_slugs:
-                self._flows_by_step.setdefault(step_slug, []).append(flow_slug)
+        """``step_started`` takes pgflow's step:started events (run id and step slug,
+        None when the event names none)."""
+        self._slugs = list(flow_slugs)
+        self._step_started = step_started
         self._wake_all = wake_all
         self._wake_flow = wake_flow
         self._pgflow_events = False
@@ -88,12 +86,8 @@ class Listener:
             )
 
     def _on_step_started(self, payload: str) -> None:
-        """Wake the pollers of the flows that have a step of this slug (each started
-        step's event wakes them once: the completion that started it does not); an
-        event that names no step wakes them all."""
         event = parse_notification(payload)
-        if event is None or event.step_slug is None:
-            self._wake_all()
-            return
-        for flow_slug in self._flows_by_step.get(event.step_slug, ()):
-            self._wake_flow(flow_slug)
+        if event is None:
+            self._step_started(None, None)
+        else:
+            self._step_started(event.run_id, event.step_slug)

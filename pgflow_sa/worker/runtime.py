@@ -36,6 +36,7 @@ from .scheduler import Scheduler
 from .settings import WorkerSettings
 from .settle import CompletionBatcher, Settler
 from .task import ClaimedTask, TaskKey, TaskState
+from .wakeups import Wakeups
 
 __all__ = ["Worker", "WorkerStartupError"]
 
@@ -114,8 +115,7 @@ class Worker:
         self._stop_requested = False  # stop() may come before run() has begun
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: TaskRunner | None = None
-        #: whether pgflow's events wake the pollers (set by run())
-        self._notified: Callable[[], bool] = lambda: False
+        self._wakeups: Wakeups | None = None
         self.budget: Budget | None = None
         self.ready: asyncio.Event | None = None  # set once serving (created by run())
 
@@ -214,11 +214,14 @@ class Worker:
         )
         listener = Listener(
             self._listen_engine or self.engine,
-            {flow.slug: [step.slug for step in flow.steps] for flow in self.registry},
+            self.worker_ids,
             self._wake_all,
             self._wake_flow,
+            lambda run_id, step_slug: wakeups.step_started(run_id, step_slug),
         )
-        self._notified = lambda: listener.notified
+        self._wakeups = wakeups = Wakeups(
+            self.registry, self._wake_flow, self._wake_all, lambda: listener.notified
+        )
         started_at = time.monotonic()
         reason = "stopped"
         background: list[asyncio.Task[None]] = []
@@ -342,13 +345,10 @@ class Worker:
             self._last_busy = time.monotonic()
             if not f.cancelled() and f.exception() is not None:
                 logger.error("running %s failed", task.describe(), exc_info=f.exception())
-            elif task.state is TaskState.SETTLED and not (task.completed and self._notified()):
+            elif task.state is TaskState.SETTLED and self._wakeups is not None:
                 # its completion has committed (the steps that depend on it may be queued
-                # now) or its failure (a retry may be due sooner than the poller knows):
-                # poll at once. A completion the worker wrote itself announces the steps
-                # it started with pgflow's step:started events: while those arrive, they
-                # alone wake the poller (once per started step, not twice)
-                self._wake_flow(task.flow.slug)
+                # now) or its failure (a retry may be due sooner than the poller knows)
+                self._wakeups.settled(task)
 
         future.add_done_callback(done)
 
