@@ -18,9 +18,9 @@ from .._aio import first_of, together
 from .._backoff import Backoff
 from .._db import DB_ERRORS, ErrorKind, classify, first_line, sqlstate
 from ..dsl import Flow
-from ..pooler import autocommit
 from ..schema import worker_queries
 from ..schema.rows import StepTaskRecord
+from .direct import DirectStatements
 from .settings import WorkerSettings
 from .task import ClaimedTask
 
@@ -87,7 +87,7 @@ class Poller:
         self.flow = flow
         self.worker_id = worker_id
         self.wake = asyncio.Event()
-        self._engine = autocommit(engine)
+        self._statements = DirectStatements(engine)
         self._settings = settings
         self._budget = budget
         self._launch = launch
@@ -217,8 +217,7 @@ class Poller:
         statement = worker_queries.claim(
             self.flow.slug, self._settings.visibility_timeout, qty, self.worker_id
         )
-        async with self._engine.begin() as conn:
-            rows = (await conn.execute(*statement)).all()
+        rows = await self._statements.rows(statement)
         claimed = [
             ClaimedTask(
                 flow=self.flow,
