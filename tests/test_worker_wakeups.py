@@ -49,7 +49,14 @@ class Woken:
         self.flows: list[str] = []
         self.everything = 0
         self.notified = notified
-        self.wakeups = Wakeups([chain, other], self.flows.append, self._all, lambda: self.notified)
+        self.more_waiting = False
+        self.wakeups = Wakeups(
+            [chain, other],
+            self.flows.append,
+            self._all,
+            lambda: self.notified,
+            lambda slug: self.more_waiting,
+        )
 
     def _all(self) -> None:
         self.everything += 1
@@ -118,6 +125,13 @@ def test_failures_and_completions_without_events_wake_their_flow() -> None:
     woken.notified = False
     woken.wakeups.settled(_task("c"))
     assert woken.flows == ["wake_chain", "wake_chain"]
+
+
+def test_while_a_backlog_waits_every_settle_wakes_its_flow() -> None:
+    woken = Woken()
+    woken.more_waiting = True
+    woken.wakeups.settled(_task("c"))  # its slot is free again: claim at once
+    assert woken.flows == ["wake_chain"]
 
 
 def test_an_event_naming_no_step_wakes_every_flow() -> None:

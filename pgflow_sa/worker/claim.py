@@ -97,6 +97,9 @@ class Poller:
         #: claims whose statement may have started tasks not yet launched
         self.in_flight: set[asyncio.Future[None]] = set()
         self.deprecated = False
+        #: the latest claim left messages it could not take (a full batch, or visible
+        #: messages another read held): a freed slot may take more at once
+        self.more_waiting = False
         #: loop time of the polling lane's next read when nothing wakes it: set by the
         #: latest claim of any lane that found the queue drained (it knows when the
         #: next hidden message becomes visible)
@@ -139,6 +142,7 @@ class Poller:
                 done.set_result(None)
             backoff.reset()
             self._budget.give(qty - len(claimed))
+            self.more_waiting = read >= qty or (visible_in is not None and visible_in <= 0)
             events.emit(
                 "poll",
                 {"messages": read, "duration_s": time.monotonic() - started},

@@ -220,7 +220,11 @@ class Worker:
             lambda run_id, step_slug: wakeups.step_started(run_id, step_slug),
         )
         self._wakeups = wakeups = Wakeups(
-            self.registry, self._wake_flow, self._wake_all, lambda: listener.notified
+            self.registry,
+            self._wake_flow,
+            self._wake_all,
+            lambda: listener.notified,
+            lambda slug: slug in self._pollers and self._pollers[slug].more_waiting,
         )
         started_at = time.monotonic()
         reason = "stopped"

@@ -10,7 +10,8 @@ poller and the second is dropped, but only where the two surely name one commit:
 step whose only dependency is a single step is started by the completion of that
 step's one task, and by nothing else. Any other started step is woken by its event
 alone (a completion does not know which steps it started). Without pgflow's events,
-every settle wakes its flow's poller.
+or while a flow's queue holds more than its latest claim could take, every settle
+wakes its flow's poller.
 
 Dropping is never a guess: an entry that finds no partner is forgotten after a
 while (at worst, one claim more), and a wake-up is dropped only when its partner
@@ -41,7 +42,12 @@ class Wakeups:
         wake_flow: Callable[[str], None],
         wake_all: Callable[[], None],
         notified: Callable[[], bool],
+        more_waiting: Callable[[str], bool],
     ) -> None:
+        """``more_waiting(flow_slug)``: whether the flow's latest claim left messages it
+        could not take (then every settle wakes its poller: the slot it frees may take
+        one at once)."""
+        self._more_waiting = more_waiting
         self._wake_flow = wake_flow
         self._wake_all = wake_all
         self._notified = notified
@@ -70,6 +76,9 @@ class Wakeups:
         flow_slug = task.flow.slug
         if not (task.completed and self._notified()):
             self._wake_flow(flow_slug)
+            return
+        if self._more_waiting(flow_slug):
+            self._wake_flow(flow_slug)  # and the step events as they come
             return
         run_id = task.record.run_id
         dependents = self._sole_dependents.get((flow_slug, task.record.step_slug), ())
