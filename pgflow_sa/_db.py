@@ -117,6 +117,20 @@ def classify(exc: BaseException) -> ErrorKind:
     return ErrorKind.REFUSED
 
 
+def from_driver(exc: Exception, statement: str, *, connection_lost: bool) -> Exception:
+    """An error asyncpg raised for a statement run straight on its connection (see
+    :mod:`pgflow_sa.worker.direct`), as SQLAlchemy raises asyncpg's errors: its
+    interface errors as InterfaceError, its other errors as DBAPIError (``orig`` is
+    asyncpg's, with its ``sqlstate``), both ``connection_invalidated`` when the
+    connection is closed; anything else (socket errors, timeouts) as it is. So
+    :func:`classify` reads them as it reads SQLAlchemy's."""
+    if isinstance(exc, asyncpg.InterfaceError):
+        return InterfaceError(statement, None, exc, connection_invalidated=connection_lost)
+    if isinstance(exc, (asyncpg.PostgresError, asyncpg.InternalClientError)):
+        return DBAPIError(statement, None, exc, connection_invalidated=connection_lost)
+    return exc
+
+
 def caused_by_lost_connection(exc: BaseException) -> bool:
     """Whether an exception (say, a handler's) comes from a lost or unreachable
     database connection, looking through its causes. Only SQLAlchemy's database

@@ -9,7 +9,9 @@ pooler. Then:
 - asyncpg engines pgflow-sa makes (``async_engine_from_url``, the worker's) keep no
   prepared statements (``statement_cache_size=0``) and prepare each one as the
   unnamed statement, which leaves nothing behind on the server connection; psycopg
-  engines it makes never prepare (``prepare_threshold=None``);
+  engines it makes never prepare (``prepare_threshold=None``); the worker runs its
+  claims and settles each in a transaction (asyncpg prepares and executes in two
+  exchanges, which the pooler could otherwise send to two server connections);
 - the worker sends no session settings (``plan_cache_mode``,
   ``enable_bitmapscan``): set them on its role instead;
 - LISTEN goes to ``PGFLOW_SA_LISTEN_URL``, a direct connection to the server, when
@@ -21,8 +23,6 @@ from __future__ import annotations
 
 import os
 from typing import Any
-
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .exceptions import ConfigurationError
 
@@ -67,14 +67,3 @@ def asyncpg_connect_args() -> dict[str, Any]:
 def psycopg_connect_args() -> dict[str, Any]:
     """connect_args for psycopg engines: none, or never prepare behind a pooler."""
     return {"prepare_threshold": None} if transaction_pooling() else {}
-
-
-def autocommit(engine: AsyncEngine) -> AsyncEngine:
-    """``engine`` for single statements, each committed on its own (use it with
-    ``begin()``): AUTOCOMMIT, which spares the BEGIN and COMMIT round trips; but
-    behind a transaction pooler a real transaction, since asyncpg prepares and then
-    executes a statement in two exchanges that the pooler could otherwise send to two
-    server connections."""
-    if transaction_pooling():
-        return engine
-    return engine.execution_options(isolation_level="AUTOCOMMIT")

@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 
-from pgflow_sa import Context, Flow, start_flow_and_wait_async, start_flows_async
+from pgflow_sa import Context, Flow, events, start_flow_and_wait_async, start_flows_async
 from pgflow_sa.config import async_engine_from_url
 from pgflow_sa.worker import WorkerSettings
 
@@ -111,3 +111,111 @@ async def test_a_retry_is_read_when_it_is_due_not_at_the_next_idle_poll(db_url: 
     finally:
         await engine.dispose()
     assert all(0.9 < gap < 10 for gap in gaps), gaps
+
+
+chain = Flow("idle_chain")
+
+
+@chain.step
+async def first(input: Any, ctx: Context) -> int:
+    return 1
+
+
+@chain.step(depends_on=[first])
+async def second(input: Any, ctx: Context) -> int:
+    return 2
+
+
+@chain.step(depends_on=[second])
+async def third(input: Any, ctx: Context) -> int:
+    return 3
+
+
+beside = Flow("idle_beside")
+
+
+@beside.step
+async def elsewhere(input: Any, ctx: Context) -> int:
+    return 0
+
+
+def _listening(url: str) -> bool:
+    with psycopg.connect(url) as conn:
+        return bool(
+            conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = 'pgflow-sa worker' AND query LIKE 'LISTEN %'"
+            ).fetchone()[0]  # type: ignore[index]
+        )
+
+
+async def test_each_started_step_costs_one_claim(db_url: str) -> None:
+    """A started step wakes the worker once, by pgflow's step:started event: the
+    worker's own completion that started it wakes nothing more (a second claim for the
+    same task would find nothing), and a flow without such a step is not woken."""
+    deploy(db_url, chain, beside)
+    settings = WorkerSettings(
+        poll_interval=60, heartbeat_interval=0.5, recovery_interval=60, shutdown_timeout=5
+    )
+    polls: list[events.Event] = []
+    unsubscribe = events.subscribe(lambda e: polls.append(e) if e.name == "poll" else None)
+    engine = async_engine_from_url(db_url)
+    try:
+        async with running_worker([chain, beside], db_url, settings=settings):
+            deadline = time.monotonic() + 10
+            while not _listening(db_url):
+                assert time.monotonic() < deadline, "the worker does not listen"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)  # the claims at start-up are done
+            polls.clear()
+            for _ in range(5):  # one run after the other: no wake-up meets another
+                run = await start_flow_and_wait_async(engine, chain, {}, timeout=20)
+                assert run.output == {"third": 3}
+    finally:
+        unsubscribe()
+        await engine.dispose()
+    claims = collections.Counter(
+        (p.metadata["flow_slug"], p.measurements["messages"] > 0) for p in polls
+    )
+    assert claims == {("idle_chain", True): 15}, claims
+
+
+diamond = Flow("idle_diamond")
+
+
+@diamond.step
+async def top(input: Any, ctx: Context) -> list[int]:
+    return [1, 2, 3]
+
+
+@diamond.map(depends_on=top)
+async def each(value: int, ctx: Context) -> int:
+    return value * 2
+
+
+@diamond.step(depends_on=[top])
+async def side(input: Any, ctx: Context) -> int:
+    return 10
+
+
+@diamond.step(depends_on=[each, side])
+async def bottom(input: Any, ctx: Context) -> int:
+    return sum(input["each"]) + input["side"]
+
+
+async def test_steps_started_by_several_or_by_a_map_are_woken_too(db_url: str) -> None:
+    """Steps whose start no single completion announces (a map's tasks, a step with two
+    dependencies) are woken by their events: with a 60 s idle poll, a lost wake-up
+    would stall the run past its timeout."""
+    deploy(db_url, diamond)
+    settings = WorkerSettings(
+        poll_interval=60, heartbeat_interval=0.5, recovery_interval=60, shutdown_timeout=5
+    )
+    engine = async_engine_from_url(db_url)
+    try:
+        async with running_worker(diamond, db_url, settings=settings):
+            for _ in range(5):
+                run = await start_flow_and_wait_async(engine, diamond, {}, timeout=20)
+                assert run.output == {"bottom": 22}
+    finally:
+        await engine.dispose()

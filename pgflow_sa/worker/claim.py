@@ -19,9 +19,9 @@ from .._aio import first_of, together
 from .._backoff import Backoff
 from .._db import DB_ERRORS, ErrorKind, classify, first_line, sqlstate
 from ..dsl import Flow
-from ..pooler import autocommit
 from ..schema import worker_queries
 from ..schema.rows import StepTaskRecord
+from .direct import DirectStatements
 from .settings import WorkerSettings
 from .task import ClaimedTask
 
@@ -91,9 +91,7 @@ class Poller:
         self.flow = flow
         self.worker_id = worker_id
         self.wake = asyncio.Event()
-        self._engine = autocommit(engine)
-        #: limited claims take a transaction-level lock: a real transaction
-        self._tx_engine = engine
+        self._statements = DirectStatements(engine)
         self._settings = settings
         self._budget = budget
         self._launch = launch
@@ -103,6 +101,9 @@ class Poller:
         #: claims whose statement may have started tasks not yet launched
         self.in_flight: set[asyncio.Future[None]] = set()
         self.deprecated = False
+        #: the latest claim left messages it could not take (a full batch, or visible
+        #: messages another read held): a freed slot may take more at once
+        self.more_waiting = False
         #: loop time of the polling lane's next read when nothing wakes it: set by the
         #: latest claim of any lane that found the queue drained (it knows when the
         #: next hidden message becomes visible)
@@ -148,6 +149,7 @@ class Poller:
                 done.set_result(None)
             backoff.reset()
             self._budget.give(qty - len(claimed))
+            self.more_waiting = read >= qty or (visible_in is not None and visible_in <= 0)
             events.emit(
                 "poll",
                 {"messages": read, "duration_s": time.monotonic() - started},
@@ -282,9 +284,9 @@ class Poller:
         margin = self._settings.visibility_timeout
         if not limited:
             statement = worker_queries.claim(self.flow.slug, margin, qty, self.worker_id)
-            async with self._engine.begin() as conn:
-                return list((await conn.execute(*statement)).all())
+            return await self._statements.rows(statement)
+        # in one transaction: the lock lasts until the claim commits
         statement = worker_queries.limited_claim(self.flow.slug, margin, qty, self.worker_id)
-        async with self._tx_engine.begin() as conn:
-            await conn.execute(*worker_queries.limits_lock_key(self.flow.slug))
-            return list((await conn.execute(*statement)).all())
+        return await self._statements.rows(
+            statement, after=worker_queries.limits_lock_key(self.flow.slug)
+        )

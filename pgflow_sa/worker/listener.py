@@ -27,10 +27,14 @@ class Listener:
         flow_slugs: Iterable[str],
         wake_all: Callable[[], None],
         wake_flow: Callable[[str], None],
+        step_started: Callable[[uuid.UUID | None, str | None], None],
         run_failed: Callable[[uuid.UUID], None] = lambda run_id: None,
     ) -> None:
+        """``step_started`` takes pgflow's step:started events (run id and step slug,
+        None when the event names none)."""
         self._slugs = list(flow_slugs)
         self._run_failed = run_failed
+        self._step_started = step_started
         self._wake_all = wake_all
         self._wake_flow = wake_flow
         self._pgflow_events = False
@@ -64,7 +68,7 @@ class Listener:
         # Called for every pgflow event in the database: decide on cheap substring
         # checks first (the publisher writes "event" as "step:<slug>:started" etc.).
         if ':started"' in payload and '"step:' in payload:
-            self._wake_all()
+            self._on_step_started(payload)
             return
         failed = '"run:failed"' in payload
         if not failed and (not events.has_subscribers() or '"run:completed"' not in payload):
@@ -85,3 +89,10 @@ class Listener:
                 flow_slug=event.payload.get("flow_slug"),
                 run_id=str(event.run_id),
             )
+
+    def _on_step_started(self, payload: str) -> None:
+        event = parse_notification(payload)
+        if event is None:
+            self._step_started(None, None)
+        else:
+            self._step_started(event.run_id, event.step_slug)

@@ -39,6 +39,7 @@ from .scheduler import Scheduler
 from .settings import WorkerSettings
 from .settle import CompletionBatcher, Settler
 from .task import ClaimedTask, TaskKey, TaskState
+from .wakeups import Wakeups
 
 __all__ = ["Worker", "WorkerStartupError"]
 
@@ -119,6 +120,7 @@ class Worker:
         self._stop_requested = False  # stop() may come before run() has begun
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: TaskRunner | None = None
+        self._wakeups: Wakeups | None = None
         self.budget: Budget | None = None
         self.ready: asyncio.Event | None = None  # set once serving (created by run())
 
@@ -220,7 +222,15 @@ class Worker:
             self.worker_ids,
             self._wake_all,
             self._wake_flow,
+            lambda run_id, step_slug: wakeups.step_started(run_id, step_slug),
             self._run_ended_hint,
+        )
+        self._wakeups = wakeups = Wakeups(
+            self.registry,
+            self._wake_flow,
+            self._wake_all,
+            lambda: listener.notified,
+            lambda slug: slug in self._pollers and self._pollers[slug].more_waiting,
         )
         started_at = time.monotonic()
         reason = "stopped"
@@ -345,11 +355,10 @@ class Worker:
             self._last_busy = time.monotonic()
             if not f.cancelled() and f.exception() is not None:
                 logger.error("running %s failed", task.describe(), exc_info=f.exception())
-            elif task.state is TaskState.SETTLED:
+            elif task.state is TaskState.SETTLED and self._wakeups is not None:
                 # its completion has committed (the steps that depend on it may be queued
-                # now) or its failure (a retry may be due sooner than the poller knows):
-                # poll at once rather than wait for a notification
-                self._wake_flow(task.flow.slug)
+                # now) or its failure (a retry may be due sooner than the poller knows)
+                self._wakeups.settled(task)
 
         future.add_done_callback(done)
 

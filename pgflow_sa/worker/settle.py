@@ -17,8 +17,8 @@ from .. import events
 from .._aio import together
 from .._backoff import Backoff
 from .._db import DB_ERRORS, ErrorKind, classify, first_line
-from ..pooler import autocommit
 from ..schema import worker_queries
+from .direct import DirectStatements
 from .handlers import storable
 from .task import ClaimedTask, TaskKey, TaskState
 
@@ -47,7 +47,7 @@ class Settler:
         max_backoff: float,
         deadline: Callable[[], float | None] = lambda: None,
     ) -> None:
-        self._engine = autocommit(engine)
+        self._statements = DirectStatements(engine)
         self._max_backoff = max_backoff
         self._deadline = deadline
         self.completed = 0
@@ -77,6 +77,8 @@ class Settler:
             return
         if done is None:
             return
+        for task, _ in items:
+            task.completed = task.key in done
         await self._record([t for t, _ in items], done, TaskState.SETTLED)
         self.completed += sum(1 for t, _ in items if t.key in done)
 
@@ -151,13 +153,12 @@ class Settler:
         # not held any more: settled by this same attempt through another path (its
         # handler's session completed it while a timeout or a shutdown raced it), or lost
         try:
-            async with self._engine.connect() as conn:
-                ours = {
-                    (r.run_id, r.step_slug, r.task_index)
-                    for r in await conn.execute(
-                        *worker_queries.settled_by([t.fence for t in missed])
-                    )
-                }
+            ours = {
+                (r.run_id, r.step_slug, r.task_index)
+                for r in await self._statements.rows(
+                    worker_queries.settled_by([t.fence for t in missed])
+                )
+            }
         except DB_ERRORS:
             ours = set()
         for task in missed:
@@ -191,8 +192,7 @@ class Settler:
         backoff = Backoff(self._max_backoff)
         while True:
             try:
-                async with self._engine.begin() as conn:
-                    rows = (await conn.execute(*statement)).all()
+                rows = await self._statements.rows(statement)
                 return {(r.run_id, r.step_slug, r.task_index) for r in rows}
             except DB_ERRORS as exc:
                 kind = classify(exc)

@@ -52,6 +52,9 @@ class ClaimedTask:
     #: the step timeout in seconds, as the database said when the task was claimed
     timeout: int
     state: TaskState = TaskState.CLAIMED
+    #: settled by the worker's own completion statement (which publishes pgflow's
+    #: events for the steps it started), not failed nor completed in a handler's session
+    completed: bool = False
     #: the flow input, for handlers of map steps (their task input is the element)
     flow_input: Any = field(default=None, repr=False)
     #: a retry reusing outputs: this task completed in the run retried, with this output
