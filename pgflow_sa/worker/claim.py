@@ -149,7 +149,12 @@ class Poller:
                 done.set_result(None)
             backoff.reset()
             self._budget.give(qty - len(claimed))
-            self.more_waiting = read >= qty or (visible_in is not None and visible_in <= 0)
+            # (a limit holding messages back: a slot this worker frees may take one)
+            self.more_waiting = (
+                read >= qty
+                or (visible_in is not None and visible_in <= 0)
+                or self._held_back_since is not None
+            )
             events.emit(
                 "poll",
                 {"messages": read, "duration_s": time.monotonic() - started},
