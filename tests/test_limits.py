@@ -11,43 +11,22 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg.types.json import Jsonb
 
-from .apps.control_app import EVENTS_DDL, flows
+from .apps.control_app import flows
+from .run_control_kit import prepare, start_runs, stop, workers
 from .test_worker_process import WorkerProcess
-from .worker_harness import deploy
 
 
 @pytest.fixture
 def prepared(db_url: str) -> str:
-    deploy(db_url, *flows)
-    with psycopg.connect(db_url) as conn:
-        conn.execute(EVENTS_DDL)
-    return db_url
+    return prepare(db_url, flows)
 
 
 @pytest.fixture
 def three_workers(prepared: str, tmp_path: Path) -> Iterator[list[WorkerProcess]]:
-    env = {"TEST_DATABASE_URL": prepared, "TEST_HOLD_SECONDS": "0.3"}
-    workers = [
-        WorkerProcess(prepared, tmp_path / f"w{i}.log", env, app="control_app:flows")
-        for i in range(3)
-    ]
-    yield workers
-    for worker in workers:
-        worker.stop()
-    for worker in workers:
-        print(worker.output())  # shown when the test fails
-
-
-def _start(url: str, flow: str, inputs: list[object]) -> list[uuid.UUID]:
-    with psycopg.connect(url) as conn:
-        return [
-            conn.execute(
-                "SELECT run_id FROM pgflow.start_flow(%s, %s)", [flow, Jsonb(value)]
-            ).fetchone()[0]
-            for value in inputs
-        ]
+    processes = workers(prepared, tmp_path, 3, TEST_HOLD_SECONDS="0.3")
+    yield processes
+    stop(processes)
 
 
 def _wait_completed(url: str, runs: list[uuid.UUID], timeout: float = 90) -> None:
@@ -94,7 +73,7 @@ def _pids(url: str) -> set[int]:
 def test_three_workers_never_run_more_than_the_step_limit(
     prepared: str, three_workers: list[WorkerProcess]
 ) -> None:
-    runs = _start(prepared, "limited", [list(range(8)), list(range(8))])
+    runs = start_runs(prepared, "limited", [list(range(8)), list(range(8))])
     _wait_completed(prepared, runs)
     intervals = _task_intervals(prepared, "call_api")
     assert len(intervals) == 16 and all(end is not None for _, end in intervals)
@@ -114,7 +93,7 @@ def test_three_workers_never_run_more_than_the_step_limit(
 def test_three_workers_never_have_more_than_the_run_limit_in_progress(
     prepared: str, three_workers: list[WorkerProcess]
 ) -> None:
-    runs = _start(prepared, "run_limited", [{"n": i} for i in range(6)])
+    runs = start_runs(prepared, "run_limited", [{"n": i} for i in range(6)])
     _wait_completed(prepared, runs)
     with psycopg.connect(prepared) as conn:
         rows = conn.execute(

@@ -27,18 +27,15 @@ from pgflow_sa import (
     to_sqlalchemy_url,
 )
 
-from .apps.control_app import EVENTS_DDL, flows, long_async, long_sync, two_steps
+from .apps.control_app import flows, long_async, long_sync, two_steps
 from .helpers import run_cli
+from .run_control_kit import events, prepare, status, stop, wait_until, workers
 from .test_worker_process import WorkerProcess
-from .worker_harness import deploy
 
 
 @pytest.fixture
 def prepared(db_url: str) -> str:
-    deploy(db_url, *flows)
-    with psycopg.connect(db_url) as conn:
-        conn.execute(EVENTS_DDL)
-    return db_url
+    return prepare(db_url, flows)
 
 
 @pytest.fixture
@@ -50,35 +47,9 @@ def engine(prepared: str) -> Iterator[Engine]:
 
 @pytest.fixture
 def worker(prepared: str, tmp_path: Path) -> Iterator[WorkerProcess]:
-    process = WorkerProcess(
-        prepared,
-        tmp_path / "worker.log",
-        {"TEST_DATABASE_URL": prepared, "PGFLOW_SA_WORKER_SHUTDOWN_TIMEOUT": "1"},
-        app="control_app:flows",
-    )
+    (process,) = workers(prepared, tmp_path, 1)
     yield process
-    process.stop()
-    print(process.output())  # shown when the test fails
-
-
-def events(url: str, run_id: uuid.UUID | None = None) -> list[tuple[str, str]]:
-    with psycopg.connect(url) as conn:
-        rows = conn.execute(
-            "SELECT step_slug, what FROM events WHERE %s::uuid IS NULL OR run_id = %s ORDER BY at",
-            [run_id, run_id],
-        ).fetchall()
-    return [(r[0], r[1]) for r in rows]
-
-
-def wait_until(check: Any, timeout: float = 30, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    stop([process])
 
 
 def start(engine: Engine, flow: Any, input: Any) -> uuid.UUID:
@@ -169,7 +140,7 @@ def test_retry_of_a_failed_run_completes_and_is_linked(
     with psycopg.connect(prepared) as conn:
         conn.execute("INSERT INTO switches VALUES ('store_fails', true)")
     original = start(engine, two_steps, [1, 2, 3])
-    wait_until(lambda: _status(engine, original) is RunStatus.FAILED, what="the failure")
+    wait_until(lambda: status(engine, original) is RunStatus.FAILED, what="the failure")
     with engine.begin() as conn, pytest.raises(RunStateError, match="still in progress"):
         retry_run(conn, start_flow(conn, two_steps, [1]).run_id)
     with psycopg.connect(prepared) as conn:
@@ -177,7 +148,7 @@ def test_retry_of_a_failed_run_completes_and_is_linked(
     with engine.begin() as conn:
         again = retry_run(conn, original)
     assert again.retry_of == original and again.run_id != original
-    wait_until(lambda: _status(engine, again.run_id) is RunStatus.COMPLETED, what="the retry")
+    wait_until(lambda: status(engine, again.run_id) is RunStatus.COMPLETED, what="the retry")
     with engine.begin() as conn:
         run = get_run(conn, again.run_id)
         linked = list_runs(conn, retry_of=original).runs
@@ -189,22 +160,30 @@ def test_retry_of_a_failed_run_completes_and_is_linked(
         retry_run(conn, again.run_id)
 
 
+def _retried_once_the_store_works(engine: Engine, prepared: str, original: uuid.UUID) -> Any:
+    """Turn the store's switches off, retry ``original`` reusing outputs, and return
+    the retry once it completed."""
+    with psycopg.connect(prepared) as conn:
+        conn.execute("UPDATE switches SET value = false")
+    with engine.begin() as conn:
+        again = retry_run(conn, original, reuse_outputs=True)
+    wait_until(lambda: status(engine, again.run_id) is RunStatus.COMPLETED, what="the retry")
+    with engine.begin() as conn:
+        run = get_run(conn, again.run_id)
+    assert run is not None
+    return run
+
+
 def test_retry_reusing_outputs_runs_only_what_failed(
     engine: Engine, prepared: str, worker: WorkerProcess
 ) -> None:
     with psycopg.connect(prepared) as conn:
         conn.execute("INSERT INTO switches VALUES ('store_fails', true)")
     original = start(engine, two_steps, [1, 2, 3])
-    wait_until(lambda: _status(engine, original) is RunStatus.FAILED, what="the failure")
-    with psycopg.connect(prepared) as conn:
-        conn.execute("UPDATE switches SET value = false")
-    with engine.begin() as conn:
-        again = retry_run(conn, original, reuse_outputs=True)
-    wait_until(lambda: _status(engine, again.run_id) is RunStatus.COMPLETED, what="the retry")
-    assert events(prepared, again.run_id) == [("store", "start")]
-    with engine.begin() as conn:
-        run = get_run(conn, again.run_id)
-    assert run is not None and run.output == {"store": 60}
+    wait_until(lambda: status(engine, original) is RunStatus.FAILED, what="the failure")
+    run = _retried_once_the_store_works(engine, prepared, original)
+    assert events(prepared, run.run_id) == [("store", "start")]
+    assert run.output == {"store": 60}
     assert [t.output for t in run.step("fetch").tasks] == [10, 20, 30]
 
 
@@ -217,15 +196,9 @@ def test_a_retry_of_a_cancelled_run_reuses_what_completed_before_the_cancel(
     wait_until(lambda: ("store", "start") in events(prepared, original), what="store")
     with engine.begin() as conn:
         cancel_run(conn, original, reason="wrong input")
-    with psycopg.connect(prepared) as conn:
-        conn.execute("UPDATE switches SET value = false")
-    with engine.begin() as conn:
-        again = retry_run(conn, original, reuse_outputs=True)
-    wait_until(lambda: _status(engine, again.run_id) is RunStatus.COMPLETED, what="the retry")
-    assert events(prepared, again.run_id) == [("store", "start")]
-    with engine.begin() as conn:
-        run = get_run(conn, again.run_id)
-    assert run is not None and run.output == {"store": 90} and run.retry_of == original
+    run = _retried_once_the_store_works(engine, prepared, original)
+    assert events(prepared, run.run_id) == [("store", "start")]
+    assert run.output == {"store": 90} and run.retry_of == original
 
 
 def test_cancelled_runs_are_listed_apart_from_failed_ones(engine: Engine, prepared: str) -> None:
@@ -239,12 +212,6 @@ def test_cancelled_runs_are_listed_apart_from_failed_ones(engine: Engine, prepar
         (count,) = conn.execute(text("SELECT count(*) FROM pgflow_sa.run_cancellations")).one()
     assert [r.run_id for r in listed] == [cancelled] and failed == ()
     assert count == 1
-
-
-def _status(engine: Engine, run_id: uuid.UUID) -> RunStatus | None:
-    with engine.begin() as conn:
-        run = get_run(conn, run_id, steps=False)
-    return None if run is None else run.status
 
 
 def test_cli_cancels_retries_and_shows_the_link(engine: Engine, prepared: str) -> None:

@@ -13,54 +13,41 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg.types.json import Jsonb
 from sqlalchemy import create_engine
+from sqlalchemy.engine import Engine
 
-from pgflow_sa import cancel_run, get_run, to_sqlalchemy_url
+from pgflow_sa import RunStatus, cancel_run, get_run, retry_run, start_flow, to_sqlalchemy_url
+from pgflow_sa.dashboard import dashboard_app
 from pgflow_sa.schema import worker_queries
 
-from .apps.control_app import EVENTS_DDL
-from .apps.review_app import flows
+from .apps.review_app import charge_then_fail, flows
+from .run_control_kit import prepare, start_runs, status, stop, wait_until, workers
+from .test_dashboard import _idle_run, http, serve_asgi
 from .test_limits import _most_at_once, _task_intervals
-from .test_run_control import wait_until
 from .test_worker_process import WorkerProcess
-from .worker_harness import deploy
 
 
 @pytest.fixture
 def prepared(db_url: str) -> str:
-    deploy(db_url, *flows)
-    with psycopg.connect(db_url) as conn:
-        conn.execute(EVENTS_DDL)
-    return db_url
+    return prepare(db_url, flows)
 
 
-def _workers(url: str, tmp_path: Path, count: int, **env: str) -> list[WorkerProcess]:
-    extra = {"TEST_DATABASE_URL": url, "PGFLOW_SA_WORKER_SHUTDOWN_TIMEOUT": "1", **env}
-    return [
-        WorkerProcess(url, tmp_path / f"w{i}.log", extra, app="review_app:flows")
-        for i in range(count)
-    ]
+def _workers(url: str, tmp_path: Path, count: int) -> list[WorkerProcess]:
+    return workers(url, tmp_path, count, app="review_app:flows")
 
 
 @pytest.fixture
 def two_workers(prepared: str, tmp_path: Path) -> Iterator[list[WorkerProcess]]:
-    workers = _workers(prepared, tmp_path, 2)
-    yield workers
-    for worker in workers:
-        worker.stop()
-    for worker in workers:
-        print(worker.output())
+    processes = _workers(prepared, tmp_path, 2)
+    yield processes
+    stop(processes)
 
 
-def _start(url: str, flow: str, inputs: list[object]) -> list[uuid.UUID]:
-    with psycopg.connect(url) as conn:
-        return [
-            conn.execute(
-                "SELECT run_id FROM pgflow.start_flow(%s, %s)", [flow, Jsonb(value)]
-            ).fetchone()[0]
-            for value in inputs
-        ]
+@pytest.fixture
+def worker(prepared: str, tmp_path: Path) -> Iterator[WorkerProcess]:
+    (process,) = _workers(prepared, tmp_path, 1)
+    yield process
+    stop([process])
 
 
 def _registered(url: str, count: int) -> bool:
@@ -75,7 +62,7 @@ def test_a_step_limit_of_one_holds_while_one_claim_is_slow(
     prepared: str, two_workers: list[WorkerProcess]
 ) -> None:
     wait_until(lambda: _registered(prepared, 2), what="two workers")
-    (run_id,) = _start(prepared, "gate", [list(range(150))])  # more than the scan window
+    (run_id,) = start_runs(prepared, "gate", [list(range(150))])  # more than the scan window
     # task 0's message is the first any claim picks; its start_tasks then waits for
     # this row lock (a slow claim: a busy server), while it should hold the flow's
     # advisory lock so that no other claim of the flow runs
@@ -107,7 +94,7 @@ def test_cancel_racing_a_claim_of_the_same_run_does_not_deadlock(prepared: str) 
                 [{"worker_id": worker_id, "queue_name": "wide", "function_name": "review"}]
             )
         )
-    (run_id,) = _start(prepared, "wide", [[1, 2, 3]])
+    (run_id,) = start_runs(prepared, "wide", [[1, 2, 3]])
     errors: list[str] = []
 
     def cancel() -> None:
@@ -157,7 +144,7 @@ def test_a_completion_waiting_for_the_failure_of_its_run_ends_its_task(prepared:
                 [{"worker_id": worker_id, "queue_name": "fork", "function_name": "review"}]
             )
         )
-    (run_id,) = _start(prepared, "fork", [{}])
+    (run_id,) = start_runs(prepared, "fork", [{}])
     with engine.begin() as conn:  # the plain claim: fork's limits were never stored
         rows = conn.execute(*worker_queries.claim("fork", 5, 10, worker_id)).all()
     fences = {
@@ -196,7 +183,7 @@ def test_a_completion_waiting_for_the_failure_of_its_run_ends_its_task(prepared:
 def test_the_client_says_what_to_do_when_the_run_control_tables_are_missing(
     prepared: str,
 ) -> None:
-    (run_id,) = _start(prepared, "wide", [[1]])
+    (run_id,) = start_runs(prepared, "wide", [[1]])
     with psycopg.connect(prepared) as conn:
         conn.execute(
             "DROP TABLE pgflow_sa.run_cancellations, pgflow_sa.run_retries, "
@@ -213,3 +200,52 @@ def test_the_client_says_what_to_do_when_the_run_control_tables_are_missing(
     finally:
         engine.dispose()
     assert not error or "pgflow-sa install" in error, error
+
+
+@pytest.fixture
+def engine(prepared: str) -> Iterator[Engine]:
+    engine = create_engine(to_sqlalchemy_url(prepared, "psycopg"))
+    yield engine
+    engine.dispose()
+
+
+def _charges(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        (n,) = conn.execute("SELECT count(*) FROM events WHERE step_slug = 'charge'").fetchone()
+    return int(n)
+
+
+def test_a_retry_of_a_reusing_retry_that_never_ran_still_reuses_the_original(
+    engine: Engine, prepared: str, worker: WorkerProcess
+) -> None:
+    with psycopg.connect(prepared) as conn:
+        conn.execute("INSERT INTO switches VALUES ('last_fails', true)")
+    with engine.begin() as conn:
+        first = start_flow(conn, charge_then_fail, {}).run_id
+    wait_until(lambda: status(engine, first) is RunStatus.FAILED, what="the failure")
+    assert _charges(prepared) == 1
+    with psycopg.connect(prepared) as conn:
+        conn.execute("UPDATE switches SET value = false")
+    with engine.begin() as conn:  # a retry, cancelled before any worker claimed it
+        second = retry_run(conn, first, reuse_outputs=True).run_id
+        cancel_run(conn, second, reason="clicked by mistake")
+    with engine.begin() as conn:
+        third = retry_run(conn, second, reuse_outputs=True).run_id
+    wait_until(lambda: status(engine, third) is RunStatus.COMPLETED, what="the retry")
+    assert _charges(prepared) == 1  # 2: charge ran again in the third run
+
+
+def test_a_form_token_the_dashboard_never_issued_is_refused(db_url: str) -> None:
+    run_id = _idle_run(db_url)
+    planted = "A" * 43
+    with serve_asgi(dashboard_app(db_url, allow_actions=True)) as base:
+        status, body = http(
+            "POST",
+            f"{base}/runs/{run_id}/actions/cancel",
+            {
+                "Cookie": f"pgflow_sa_csrf={planted}",
+                "Content-Type": "application/x-www-form-urlencoded",
+            },
+            f"csrf_token={planted}".encode(),
+        )
+    assert status == 403, (status, body[:200])

@@ -56,6 +56,21 @@ def _claim_both(url: str) -> tuple[uuid.UUID, list[worker_queries.Fence]]:
     return run_id, [(r[0], r[1], r[2], worker_id, r[3]) for r in rows]
 
 
+def _a_session_waits_for_a_lock(db_url: str, seconds: float) -> bool:
+    """Whether a session of the database comes to wait for a lock within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    with psycopg.connect(db_url, autocommit=True) as watch:
+        while time.monotonic() < deadline:
+            waiting = watch.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'"
+            ).fetchone()[0]
+            if waiting:
+                return True
+            time.sleep(0.02)
+    return False
+
+
 @pytest.mark.parametrize("settle", ["fail", "complete"])
 def test_a_settle_waits_for_the_run_before_locking_its_steps(db_url: str, settle: str) -> None:
     """A second session holds the run's row (as complete_task does first), then asks
@@ -86,17 +101,9 @@ def test_a_settle_waits_for_the_run_before_locking_its_steps(db_url: str, settle
         other.execute("SELECT 1 FROM pgflow.runs WHERE run_id = %s FOR UPDATE", [run_id])
         settling = threading.Thread(target=worker_settles)
         settling.start()
-        deadline = time.monotonic() + 10
-        with psycopg.connect(db_url, autocommit=True) as watch:
-            while time.monotonic() < deadline:
-                waiting = watch.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND wait_event_type = 'Lock'"
-                ).fetchone()[0]
-                if waiting:
-                    break
-                time.sleep(0.02)
-        assert waiting, "the worker's statement never waited for the run's row"
+        assert _a_session_waits_for_a_lock(db_url, 10), (
+            "the worker's statement never waited for the run's row"
+        )
         time.sleep(0.3)  # it would have locked the step state by now if it were going to
         other.execute(
             "SELECT 1 FROM pgflow.step_states WHERE run_id = %s AND step_slug = 'left' FOR UPDATE",
@@ -154,17 +161,7 @@ def test_recovery_waits_for_the_run_before_locking_the_tasks_it_recovers(db_url:
         other.execute("SELECT 1 FROM pgflow.runs WHERE run_id = %s FOR UPDATE", [run_id])
         recovering = threading.Thread(target=recover)
         recovering.start()
-        deadline = time.monotonic() + 20
-        with psycopg.connect(db_url, autocommit=True) as watch:
-            while time.monotonic() < deadline:
-                waiting = watch.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND wait_event_type = 'Lock'"
-                ).fetchone()[0]
-                if waiting:
-                    break
-                time.sleep(0.02)
-        assert waiting, "recovery never waited for the run's row"
+        assert _a_session_waits_for_a_lock(db_url, 20), "recovery never waited for the run's row"
         time.sleep(0.3)
         other.execute(
             "SELECT 1 FROM pgflow.step_tasks WHERE run_id = %s FOR UPDATE", [run_id]

@@ -1,6 +1,6 @@
-"""Flows for the adversarial review of run control (tests/test_run_control_review.py),
-served by `pgflow-sa worker review_app:flows` subprocesses. Handlers record what
-happened to them in the `events` table of control_app (autocommit connection)."""
+"""Flows of the run-control fault tests (tests/test_run_control_faults.py), served by
+`pgflow-sa worker review_app:flows` subprocesses. Handlers record what happened to
+them in control_app's `events` table."""
 
 from __future__ import annotations
 
@@ -8,21 +8,10 @@ import os
 import time
 from typing import Any
 
-import psycopg
-
 from pgflow_sa import Context, Flow, FlowRegistry
+from tests.apps.control_app import record, switch
 
 HOLD = float(os.environ.get("TEST_HOLD_SECONDS", "2"))
-
-
-def record(ctx: Context, what: str) -> None:
-    with psycopg.connect(os.environ["TEST_DATABASE_URL"], autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO events (run_id, step_slug, task_index, what, pid) "
-            "VALUES (%s, %s, %s, %s, %s)",
-            [ctx.run_id, ctx.step_slug, ctx.task_index, what, os.getpid()],
-        )
-
 
 # one task of `slot` at a time across all workers; its messages become visible 2 s
 # after the run starts (time for a test to take a row lock first)
@@ -67,4 +56,22 @@ def right(input: Any, ctx: Context) -> int:
     raise RuntimeError("right fails")
 
 
-flows = FlowRegistry(gate, wide, fork)
+# a step with a side effect (charged once), then one that fails while 'last_fails' is on
+charge_then_fail = Flow("charge_then_fail", max_attempts=1)
+
+
+@charge_then_fail.step
+def charge(input: Any, ctx: Context) -> str:
+    record(ctx, "start")
+    return "charged"
+
+
+@charge_then_fail.step(depends_on=charge)
+def notify(input: Any, ctx: Context) -> str:
+    record(ctx, "start")
+    if switch("last_fails"):
+        raise RuntimeError("notify fails")
+    return "notified"
+
+
+flows = FlowRegistry(gate, wide, fork, charge_then_fail)
