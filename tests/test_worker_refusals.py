@@ -115,6 +115,17 @@ class WorkerProcess:
         return code, elapsed, self.log.read_text()
 
 
+def _wait_logged(worker: WorkerProcess, text: str, count: int, timeout: float = 60) -> None:
+    """Until ``text`` is in ``count`` lines of the worker's log, then a little longer
+    (time for a further attempt that must not come)."""
+    deadline = time.monotonic() + timeout
+    while len(_lines(worker.log.read_text(), text)) < count:
+        assert worker.proc.poll() is None, worker.log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"{text!r} not logged {count} time(s)"
+        time.sleep(0.1)
+    time.sleep(1.5)
+
+
 def _refuse(db_url: str, roles: Roles, columns: str) -> str:
     """Deploy the flows, grant the roles, take UPDATE of ``columns`` of
     pgflow.step_tasks from the worker role; the worker login's URL."""
@@ -196,7 +207,7 @@ def test_a_failure_the_database_refuses_to_store_is_handed_back_not_retried_fore
     run_id = _start(db_url, "refusals_boom", {})
 
     worker = WorkerProcess(url, tmp_path / "refused.log")
-    time.sleep(4)
+    _wait_logged(worker, "handing it back", 1)
     code, stop_seconds, log = worker.stop()
 
     refusals = _lines(log, "refused to fail")
@@ -234,7 +245,7 @@ def test_refused_completions_of_several_tasks_are_failed_then_handed_back_one_by
     run_id = _start(db_url, "refusals_spread", [1, 2, 3])
 
     worker = WorkerProcess(url, tmp_path / "refused.log")
-    time.sleep(4)
+    _wait_logged(worker, "handing it back", 3)
     code, stop_seconds, log = worker.stop()
 
     assert len(_lines(log, "refused to complete")) == 3, log[:3000]
