@@ -7,6 +7,7 @@ import asyncio
 import collections
 import contextlib
 import gc
+import itertools
 import json
 import logging
 import subprocess
@@ -21,7 +22,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
@@ -515,6 +516,14 @@ async def test_waits_cut_off_at_tiny_deadlines_leave_no_connection_behind(
     run_id = await _start(other)
     waiter = _engine(db_url, pool_size=2, max_overflow=30, pool_pre_ping=True)
     outcomes: collections.Counter[str] = collections.Counter()
+    checkouts = itertools.count()
+
+    @event.listens_for(waiter.sync_engine, "checkout")
+    def slow_checkout(dbapi_conn: Any, record: Any, proxy: Any) -> None:
+        # every third checkout outlasts a read's shortest allowance (50 ms), so that some
+        # deadlines surely fall in the middle of one, however fast the machine
+        if next(checkouts) % 3 == 0:
+            dbapi_conn.cursor().execute("SELECT pg_sleep(0.08)")
 
     async def wait(deadline: float) -> None:
         try:
