@@ -7,7 +7,7 @@ pgflow_sa.schema.indexes), then, in the same run, without it.
 
 Without --database-url it uses PGFLOW_SA_BENCH_DATABASE_URL, else the server at
 127.0.0.1:5432, where it makes a fresh database and drops it at the end. The runs
-are those of benchmarks/dashboard_runs.py (inserted directly: 89% completed, 10%
+are those of benchmarks/_many_runs.py (inserted directly: 89% completed, 10%
 failed, 1% in progress, over two flows, one a minute apart), then VACUUM ANALYZE
 as autovacuum would (right after the insert, before any vacuum, the query took
 0.8 s with or without the index: pgmq.metrics, not the run counts). The figures
@@ -16,8 +16,6 @@ that matter are the ratios.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -25,30 +23,18 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dashboard_runs import _drop, _fresh, _literal, _sql_ms
+from _many_runs import arguments, database_with_runs, literal, sql_ms
+from _setup import drop_databases
 
-from pgflow_sa.config import to_sqlalchemy_url
 from pgflow_sa.schema import queries
 from pgflow_sa.schema.indexes import RUNS_FINISHED
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get(
-            "PGFLOW_SA_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-        ),
-    )
-    parser.add_argument("--runs", type=int, default=100_000)
-    parser.add_argument("--requests", type=int, default=30)
-    parser.add_argument("--explain", action="store_true", help="print the query's plans")
-    args = parser.parse_args()
-    server = to_sqlalchemy_url(args.database_url).set(drivername="postgresql")
-    server_url = server.render_as_string(hide_password=False)
-    name, url = _fresh(server_url, args.runs)
+    args = arguments(__doc__, "print the query's plans")
+    url = database_with_runs(args.server, args.runs)
     try:
-        status_sql = _literal(queries.flow_status(3600, 30))
+        status_sql = literal(queries.flow_status(3600, 30))
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("VACUUM ANALYZE")  # as autovacuum leaves it (see the module's doc)
             lookup = (
@@ -59,8 +45,8 @@ def main() -> None:
                 if phase == "without":
                     conn.execute(f"DROP INDEX pgflow.{RUNS_FINISHED}")
                     conn.execute("ANALYZE pgflow.runs")
-                one_run = _sql_ms(conn, lookup, args.requests)
-                status_ms = _sql_ms(conn, status_sql, args.requests)
+                one_run = sql_ms(conn, lookup, args.requests)
+                status_ms = sql_ms(conn, status_sql, args.requests)
                 print(
                     f"  {phase} pgflow-sa's index {RUNS_FINISHED}: {status_ms:.2f} ms = "
                     f"{status_ms / one_run:.1f}x a primary-key lookup ({one_run:.2f} ms)"
@@ -69,7 +55,7 @@ def main() -> None:
                     for (line,) in conn.execute("EXPLAIN (ANALYZE, COSTS OFF) " + status_sql):
                         print("      " + line)
     finally:
-        _drop(server_url, name)
+        drop_databases(args.server)
 
 
 if __name__ == "__main__":

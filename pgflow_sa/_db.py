@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import AsyncIterator, Iterator
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import Engine, create_engine
@@ -172,6 +173,32 @@ def database_errors(url: str | URL | None, error: type[PgflowSaError]) -> Iterat
 
 #: SQLSTATE of a relation that does not exist
 UNDEFINED_TABLE = "42P01"
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def translated(func: Callable[P, R]) -> Callable[P, R]:
+    """Driver errors become pgflow-sa errors (see :func:`database_errors`)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with database_errors(None, PgflowSaError):
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+def translated_async(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """:func:`translated` for coroutines."""
+
+    @functools.wraps(func)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with database_errors(None, PgflowSaError):
+            return await func(*args, **kwargs)
+
+    return wrapper
 
 
 def _our_tables_missing(exc: BaseException) -> str:

@@ -13,16 +13,15 @@ Nothing here commits or rolls back on the caller's behalf.
 
 from __future__ import annotations
 
-import functools
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 from sqlalchemy import Row
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
-from ._db import database_errors, first_line
+from ._db import first_line, translated, translated_async
 from .dsl import Flow
 from .exceptions import FlowNotFoundError, InvalidInputError, PgflowSaError, deploy_advice
 from .models import (
@@ -38,31 +37,6 @@ from .models import (
 from .schema import functions as fn
 from .schema import queries
 from .schema.functions import AsyncExecutor, SyncExecutor
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _translated(func: Callable[P, R]) -> Callable[P, R]:
-    """Driver errors become pgflow-sa errors (see ``_db.database_errors``)."""
-
-    @functools.wraps(func)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        with database_errors(None, PgflowSaError):
-            return func(*args, **kwargs)
-
-    return wrapper
-
-
-def _translated_async(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """:func:`_translated` for coroutines."""
-
-    @functools.wraps(func)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        with database_errors(None, PgflowSaError):
-            return await func(*args, **kwargs)
-
-    return wrapper
 
 
 def _run(row: Any, created: bool = True, steps: tuple[StepState, ...] | None = None) -> Run:
@@ -159,7 +133,7 @@ def _translate(exc: DBAPIError, slug: str) -> PgflowSaError:
     return InvalidInputError(f"pgflow refused to start flow {slug!r}: {first_line(exc)}")
 
 
-@_translated
+@translated
 def start_flow(
     conn: SyncExecutor, flow: Flow | str, input: Any, *, run_id: uuid.UUID | str | None = None
 ) -> Run:
@@ -189,12 +163,12 @@ def start_flow(
         return _run(existing, created=False)
     except DBAPIError as exc:
         if exc.connection_invalidated or isinstance(exc, (OperationalError, InterfaceError)):
-            raise  # a lost connection, not a refusal: translated by @_translated
+            raise  # a lost connection, not a refusal: translated by @translated
         raise _translate(exc, slug) from exc
     return _run(row)
 
 
-@_translated_async
+@translated_async
 async def start_flow_async(
     conn: AsyncExecutor, flow: Flow | str, input: Any, *, run_id: uuid.UUID | str | None = None
 ) -> Run:
@@ -218,7 +192,7 @@ async def start_flow_async(
         return _run(existing, created=False)
     except DBAPIError as exc:
         if exc.connection_invalidated or isinstance(exc, (OperationalError, InterfaceError)):
-            raise  # a lost connection, not a refusal: translated by @_translated
+            raise  # a lost connection, not a refusal: translated by @translated
         raise _translate(exc, slug) from exc
     return _run(row)
 
@@ -234,7 +208,7 @@ def _prepare_many(flow: Flow | str, inputs: Iterable[Any]) -> tuple[str, list[An
     return slug, [value for _, value, _ in prepared]
 
 
-@_translated
+@translated
 def start_flows(conn: SyncExecutor, flow: Flow | str, inputs: Iterable[Any]) -> list[Run]:
     """Start one run per input in the transaction of ``conn``, in one statement (one
     round trip however many). Every input is checked as :func:`start_flow` checks
@@ -250,12 +224,12 @@ def start_flows(conn: SyncExecutor, flow: Flow | str, inputs: Iterable[Any]) -> 
             rows = conn.execute(queries.start_flows(slug, values)).all()
     except DBAPIError as exc:
         if exc.connection_invalidated or isinstance(exc, (OperationalError, InterfaceError)):
-            raise  # a lost connection, not a refusal: translated by @_translated
+            raise  # a lost connection, not a refusal: translated by @translated
         raise _translate(exc, slug) from exc
     return [_run(row) for row in rows]
 
 
-@_translated_async
+@translated_async
 async def start_flows_async(
     conn: AsyncExecutor, flow: Flow | str, inputs: Iterable[Any]
 ) -> list[Run]:
@@ -270,7 +244,7 @@ async def start_flows_async(
             rows = (await conn.execute(queries.start_flows(slug, values))).all()
     except DBAPIError as exc:
         if exc.connection_invalidated or isinstance(exc, (OperationalError, InterfaceError)):
-            raise  # a lost connection, not a refusal: translated by @_translated
+            raise  # a lost connection, not a refusal: translated by @translated
         raise _translate(exc, slug) from exc
     return [_run(row) for row in rows]
 
@@ -284,7 +258,7 @@ def parse_run_id(run_id: uuid.UUID | str) -> uuid.UUID:
         raise InvalidInputError(f"run_id must be a UUID, not {run_id!r}") from None
 
 
-@_translated
+@translated
 def get_run(conn: SyncExecutor, run_id: uuid.UUID | str, *, steps: bool = True) -> Run | None:
     """The run with its step states and tasks (``steps=False``: the run alone), or None
     when there is no such run."""
@@ -299,7 +273,7 @@ def get_run(conn: SyncExecutor, run_id: uuid.UUID | str, *, steps: bool = True) 
     return _run(row, steps=_steps(states, tasks))
 
 
-@_translated_async
+@translated_async
 async def get_run_async(
     conn: AsyncExecutor, run_id: uuid.UUID | str, *, steps: bool = True
 ) -> Run | None:
@@ -367,7 +341,7 @@ def _page(rows: Sequence[Row[Any]], limit: int) -> RunPage:
     return RunPage(runs=runs, next_cursor=next_cursor)
 
 
-@_translated
+@translated
 def list_runs(
     conn: SyncExecutor,
     *,
@@ -385,7 +359,7 @@ def list_runs(
     return _page(conn.execute(query).all(), limit)
 
 
-@_translated_async
+@translated_async
 async def list_runs_async(
     conn: AsyncExecutor,
     *,
@@ -408,7 +382,7 @@ def _status_query(window_seconds: int, live_seconds: int) -> Any:
     return queries.flow_status(window_seconds, live_seconds)
 
 
-@_translated
+@translated
 def flow_status(
     conn: SyncExecutor, *, window_seconds: int = 3600, live_seconds: int = 30
 ) -> list[FlowStatus]:
@@ -418,7 +392,7 @@ def flow_status(
     return [FlowStatus.model_validate(dict(row._mapping)) for row in rows]
 
 
-@_translated_async
+@translated_async
 async def flow_status_async(
     conn: AsyncExecutor, *, window_seconds: int = 3600, live_seconds: int = 30
 ) -> list[FlowStatus]:

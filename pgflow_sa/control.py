@@ -18,9 +18,8 @@ import uuid
 from typing import Any
 
 from . import events
+from ._db import translated, translated_async
 from .client import (
-    _translated,
-    _translated_async,
     get_run,
     get_run_async,
     parse_run_id,
@@ -51,7 +50,7 @@ def _reason(reason: str | None) -> str | None:
     return reason or None
 
 
-@_translated
+@translated
 def cancel_run(conn: SyncExecutor, run_id: uuid.UUID | str, *, reason: str | None = None) -> Run:
     """Cancel a run in progress in the transaction of ``conn`` (a Connection or
     Session); returns it as it is now (status ``cancelled``).
@@ -71,7 +70,7 @@ def cancel_run(conn: SyncExecutor, run_id: uuid.UUID | str, *, reason: str | Non
     return run
 
 
-@_translated_async
+@translated_async
 async def cancel_run_async(
     conn: AsyncExecutor, run_id: uuid.UUID | str, *, reason: str | None = None
 ) -> Run:
@@ -100,7 +99,7 @@ def _retryable(rid: uuid.UUID, run: Run | None) -> Run:
     return run
 
 
-@_translated
+@translated
 def retry_run(conn: SyncExecutor, run_id: uuid.UUID | str, *, reuse_outputs: bool = False) -> Run:
     """Start a new run of a failed or cancelled run's flow with the same input, in the
     transaction of ``conn``; the new run's ``retry_of`` names the original (and
@@ -119,7 +118,7 @@ def retry_run(conn: SyncExecutor, run_id: uuid.UUID | str, *, reuse_outputs: boo
     return run.model_copy(update={"retry_of": rid})
 
 
-@_translated_async
+@translated_async
 async def retry_run_async(
     conn: AsyncExecutor, run_id: uuid.UUID | str, *, reuse_outputs: bool = False
 ) -> Run:
