@@ -508,7 +508,7 @@ SELECT m.read_count,
         WHERE q.msg_id <> ALL (ARRAY(SELECT msg_id FROM msgs))
         ORDER BY q.vt LIMIT 1) AS next_visible_at,
        (SELECT limited FROM limits) AS limited,
-       (SELECT held_back FROM held) AS held_back
+       (SELECT held_back FROM held) AS held_back{settled_columns}
 FROM (SELECT count(*) AS read_count FROM msgs) AS m
 LEFT JOIN (
     -- The reads below use the statement's snapshot, taken before pgmq.read and
@@ -554,13 +554,13 @@ _CLAIM_COLUMNS = (
 )
 
 
-def _claim_sql(template: str, queue: str) -> Executable:
+def _claim_sql(template: str, queue: str, settled_columns: str = "") -> Executable:
     from ..dsl import is_safe_slug
 
     if not is_safe_slug(queue):
         raise ValueError(f"not a pgflow queue name: {queue!r}")
     sql = (
-        template.replace("{tail}", _CLAIM_TAIL)
+        template.replace("{tail}", _CLAIM_TAIL.replace("{settled_columns}", settled_columns))
         .replace("{hide_for}", _HIDE_FOR)
         .replace("{queue_table}", f"q_{queue.lower()}")
     )
@@ -631,6 +631,75 @@ def limited_claim(queue: str, vt_margin: int, qty: int, worker_id: uuid.UUID) ->
         "qty": qty,
         "worker_id": worker_id,
         "scan": max(LIMITED_SCAN_MIN, qty * 4),
+    }
+
+
+# A completion and the next claim of the same flow in one statement (one round trip,
+# one commit): ``settled`` completes the fenced tasks as complete_fenced does, and the
+# claim reads the queue only after it (``limits`` names ``settled`` first, and the read's
+# size names ``limits``). pgmq.read and start_tasks are VOLATILE: they read with a
+# snapshot of their own, taken after complete_task ran, so they see the steps it started
+# and the outputs their tasks' inputs are made of (the statement's own snapshot does not:
+# the claim's attempt subquery counts such a task as a first attempt, which it is).
+_COMPLETE_AND_CLAIM_SQL = f"""
+WITH {_OWNED}, settled AS MATERIALIZED (
+    SELECT o.run_id, o.step_slug, o.task_index
+    FROM owned o
+    CROSS JOIN LATERAL (SELECT count(*) FROM {_COMPLETE_OR_END}) AS s
+), limits AS MATERIALIZED (
+    SELECT CASE WHEN (SELECT count(*) FROM settled) >= 0 THEN EXISTS (
+        SELECT 1 FROM pgflow_sa.flow_limits l WHERE l.flow_slug = :queue) END AS limited
+), msgs AS MATERIALIZED (
+    SELECT msg_id FROM pgmq.read(
+        :queue, {{hide_for}}, CASE WHEN (SELECT limited FROM limits) THEN 0 ELSE :qty END)
+), held AS (SELECT false AS held_back)
+{{tail}}"""
+
+_SETTLED_COLUMNS = """,
+       ARRAY(SELECT s.run_id FROM settled s ORDER BY s.run_id, s.step_slug, s.task_index)
+         AS settled_run_ids,
+       ARRAY(SELECT s.step_slug FROM settled s ORDER BY s.run_id, s.step_slug, s.task_index)
+         AS settled_step_slugs,
+       ARRAY(SELECT s.task_index FROM settled s ORDER BY s.run_id, s.step_slug, s.task_index)
+         AS settled_task_indexes"""
+
+
+@functools.cache
+def _complete_and_claim_statement(queue: str) -> Executable:
+    return (  # type: ignore[no-any-return]
+        _claim_sql(_COMPLETE_AND_CLAIM_SQL, queue, _SETTLED_COLUMNS)
+        .bindparams(  # type: ignore[attr-defined]
+            *_FENCE_BINDS, bindparam("values", type_=JSONB(none_as_null=False))
+        )
+        .columns(
+            *_CLAIM_COLUMNS,
+            column("settled_run_ids", ARRAY(PG_UUID(as_uuid=True))),
+            column("settled_step_slugs", ARRAY(Text())),
+            column("settled_task_indexes", ARRAY(Integer())),
+        )
+    )
+
+
+def complete_and_claim(
+    fences: Sequence[Fence],
+    outputs: Sequence[Any],
+    queue: str,
+    vt_margin: int,
+    qty: int,
+    worker_id: uuid.UUID,
+) -> Query:
+    """:func:`complete_fenced` of tasks of flow ``queue``, then :func:`claim` of up to
+    ``qty`` of its messages, in one statement: the claim sees the steps the completions
+    started. Rows as :func:`claim`'s (never limited: a flow with limits reads nothing
+    here, and says so), each also carrying the keys that were settled
+    (``settled_run_ids``, ``settled_step_slugs``, ``settled_task_indexes``)."""
+    return _complete_and_claim_statement(queue), {
+        **_fence_params(fences),
+        "values": _in_fence_order(fences, outputs),
+        "queue": queue,
+        "vt_margin": vt_margin,
+        "qty": qty,
+        "worker_id": worker_id,
     }
 
 
