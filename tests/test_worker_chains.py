@@ -5,6 +5,8 @@ completion nothing."""
 
 from __future__ import annotations
 
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,8 +51,9 @@ def _all_completed(url: str, count: int) -> bool:
 def test_each_step_is_claimed_by_the_statement_completing_the_step_before(
     prepared: str, worker: WorkerProcess
 ) -> None:
-    start_runs(prepared, "chained", [{"n": n} for n in range(5)])
-    wait_until(lambda: _all_completed(prepared, 5), 60, "the runs to complete")
+    for n in range(5):  # one after the other: the worker has slots free for each claim
+        start_runs(prepared, "chained", [{"n": n}])
+        wait_until(lambda n=n: _all_completed(prepared, n + 1), 60, "the run to complete")
     assert _outputs(prepared) == [{"third": n + 2} for n in range(5)]  # inputs were right
     with psycopg.connect(prepared) as conn:
         pairs = conn.execute(
@@ -88,7 +91,7 @@ def test_a_claim_refused_in_the_completing_statement_leaves_the_completion_to_it
     [process] = workers(prepared, tmp_path, 1, app="chain_app:flows")
     try:
         [run_id] = start_runs(prepared, "chained", [{"n": 7}])
-        wait_until(lambda: "start" in _events(prepared), 30, "first to start")
+        wait_until(lambda: ("first", "start") in _events(prepared), 30, "first to start")
         with psycopg.connect(prepared, autocommit=True) as conn:
             conn.execute("UPDATE switches SET value = false WHERE name = 'first_waits'")
 
@@ -109,9 +112,107 @@ def test_a_claim_refused_in_the_completing_statement_leaves_the_completion_to_it
     finally:
         stop([process])
     assert _outputs(prepared) == [{"third": 9}]
-    assert _events(prepared) == ["start"]  # first ran once
+    assert _events(prepared) == [("first", "start"), ("second", "start")]  # each ran once
 
 
-def _events(url: str) -> list[str]:
+@pytest.mark.parametrize("released", ["while it stops", "after it exited"])
+def test_a_completing_statement_held_up_past_a_stop_starts_nothing(
+    prepared: str, tmp_path: Path, released: str
+) -> None:
+    """SIGTERM while the statement that completes `first` (and would claim `second`)
+    waits for a lock another session holds: whether it commits while the worker stops
+    or after it exited, `first` is completed (its handler ran) and `second` is left
+    queued with no attempt used, for the next worker (never run by one that stops)."""
+    with psycopg.connect(prepared, autocommit=True) as conn:
+        conn.execute("INSERT INTO switches VALUES ('first_waits', true)")
+    [process] = workers(prepared, tmp_path, 1, app="chain_app:flows")
+    [run_id] = start_runs(prepared, "chained", [{"n": 1}])
+    wait_until(lambda: ("first", "start") in _events(prepared), 30, "first to start")
+    with psycopg.connect(prepared) as locker:
+        locker.execute("SELECT 1 FROM pgflow.runs WHERE run_id = %s FOR UPDATE", [run_id])
+        with psycopg.connect(prepared, autocommit=True) as conn:
+            conn.execute("UPDATE switches SET value = false WHERE name = 'first_waits'")
+        wait_until(lambda: _waiting_on_a_lock(prepared), 30, "the completion to wait")
+        process.proc.send_signal(signal.SIGTERM)
+        if released == "while it stops":
+            time.sleep(0.3)
+            locker.commit()
+        assert process.proc.wait(30) == 0
+        locker.commit()
+    stop([process])
+    wait_until(lambda: _task(prepared, run_id, "first") == ("completed", 1), 30, "first")
+    assert _task(prepared, run_id, "second") == ("queued", 0)
+    assert _events(prepared) == [("first", "start")]
+
+    [process] = workers(prepared, tmp_path, 1, app="chain_app:flows")
+    try:
+        wait_until(lambda: _all_completed(prepared, 1), 60, "the next worker to finish")
+    finally:
+        stop([process])
+    assert _outputs(prepared) == [{"third": 3}]
+    assert _events(prepared) == [("first", "start"), ("second", "start")]
+
+
+def test_a_task_queued_while_the_completing_statement_waited_is_left_for_the_next_claim(
+    prepared: str, tmp_path: Path
+) -> None:
+    """A run started while the statement completing `first` of another run waits for a
+    lock: that statement's read finds the new run's message, which a transaction that
+    began before it was queued may not start (pgflow's started_at would precede its
+    queued_at). It is put back, not a reason to drop the claim (the
+    statement's read is the only one: no notifications, and the poller's next read is
+    far off)."""
+    with psycopg.connect(prepared, autocommit=True) as conn:
+        conn.execute("INSERT INTO switches VALUES ('first_waits', true)")
+    [waited] = start_runs(prepared, "chained", [{"n": 1}])  # read when the worker starts
+    [process] = workers(
+        prepared,
+        tmp_path,
+        1,
+        app="chain_app:flows",
+        PGFLOW_SA_WORKER_USE_NOTIFICATIONS="false",
+        PGFLOW_SA_WORKER_POLL_INTERVAL="30",
+        PGFLOW_SA_WORKER_FALLBACK_POLL_INTERVAL="30",
+    )
+    try:
+        wait_until(lambda: ("first", "start") in _events(prepared), 30, "first to start")
+        with psycopg.connect(prepared) as locker:
+            locker.execute("SELECT 1 FROM pgflow.runs WHERE run_id = %s FOR UPDATE", [waited])
+            with psycopg.connect(prepared, autocommit=True) as conn:
+                conn.execute("UPDATE switches SET value = false WHERE name = 'first_waits'")
+            wait_until(lambda: _waiting_on_a_lock(prepared), 30, "the completion to wait")
+            start_runs(prepared, "chained", [{"n": 10}])
+            locker.commit()
+        wait_until(lambda: _all_completed(prepared, 2), 60, "both runs to complete")
+    finally:
+        stop([process])
+    assert "completing with a claim failed" not in process.output()
+    assert _outputs(prepared) == [{"third": 12}, {"third": 3}]
+    assert sorted(_events(prepared)) == [("first", "start")] * 2 + [("second", "start")] * 2
+
+
+def _waiting_on_a_lock(url: str) -> bool:
     with psycopg.connect(url) as conn:
-        return [r[0] for r in conn.execute("SELECT what FROM events ORDER BY at")]
+        (waiting,) = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = 'pgflow-sa worker' AND wait_event_type = 'Lock'"
+        ).fetchone()
+    return bool(waiting)
+
+
+def _task(url: str, run_id: object, step: str) -> tuple[str, int]:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT status, attempts_count FROM pgflow.step_tasks "
+            "WHERE run_id = %s AND step_slug = %s",
+            [run_id, step],
+        ).fetchone()
+    assert row is not None
+    return (row[0], row[1])
+
+
+def _events(url: str) -> list[tuple[str, str]]:
+    with psycopg.connect(url) as conn:
+        return [
+            (r[0], r[1]) for r in conn.execute("SELECT step_slug, what FROM events ORDER BY at")
+        ]

@@ -636,11 +636,18 @@ def limited_claim(queue: str, vt_margin: int, qty: int, worker_id: uuid.UUID) ->
 
 # A completion and the next claim of the same flow in one statement (one round trip,
 # one commit): ``settled`` completes the fenced tasks as complete_fenced does, and the
-# claim reads the queue only after it (``limits`` names ``settled`` first, and the read's
-# size names ``limits``). pgmq.read and start_tasks are VOLATILE: they read with a
-# snapshot of their own, taken after complete_task ran, so they see the steps it started
-# and the outputs their tasks' inputs are made of (the statement's own snapshot does not:
-# the claim's attempt subquery counts such a task as a first attempt, which it is).
+# claim reads the queue only after it (``limits`` names ``settled`` first, ``alive``
+# names ``limits``, and the read's size names both). pgmq.read and start_tasks are
+# VOLATILE: they read with a snapshot of their own, taken after complete_task ran, so
+# they see the steps it started and the outputs their tasks' inputs are made of (the
+# statement's own snapshot does not: the claim's attempt subquery counts such a task as
+# a first attempt, which it is).
+#
+# ``alive`` locks the worker's row FOR SHARE after the completions, so that READ
+# COMMITTED re-reads it then: a worker that retired (stopped) while this statement
+# waited for a lock claims nothing. A message enqueued by a transaction that began
+# after this one is put back at once (visible again) rather than started: pgflow stamps
+# started_at with the transaction's start, which must not precede the task's queued_at.
 _COMPLETE_AND_CLAIM_SQL = f"""
 WITH {_OWNED}, settled AS MATERIALIZED (
     SELECT o.run_id, o.step_slug, o.task_index
@@ -649,9 +656,22 @@ WITH {_OWNED}, settled AS MATERIALIZED (
 ), limits AS MATERIALIZED (
     SELECT CASE WHEN (SELECT count(*) FROM settled) >= 0 THEN EXISTS (
         SELECT 1 FROM pgflow_sa.flow_limits l WHERE l.flow_slug = :queue) END AS limited
+), alive AS MATERIALIZED (
+    SELECT w.worker_id FROM pgflow.workers w
+    WHERE w.worker_id = :worker_id AND w.deprecated_at IS NULL
+      AND (SELECT limited FROM limits) IS NOT NULL
+    FOR SHARE OF w
+), fetched AS MATERIALIZED (
+    SELECT r.msg_id, r.enqueued_at FROM pgmq.read(
+        :queue, {{hide_for}},
+        CASE WHEN (SELECT limited FROM limits) OR NOT EXISTS (SELECT 1 FROM alive) THEN 0
+             ELSE :qty END) AS r
 ), msgs AS MATERIALIZED (
-    SELECT msg_id FROM pgmq.read(
-        :queue, {{hide_for}}, CASE WHEN (SELECT limited FROM limits) THEN 0 ELSE :qty END)
+    SELECT r.msg_id FROM fetched r WHERE r.enqueued_at <= now()
+), put_back AS MATERIALIZED (
+    SELECT count(*) AS n FROM fetched r
+    CROSS JOIN LATERAL pgmq.set_vt(:queue, r.msg_id, 0) AS v
+    WHERE r.enqueued_at > now()
 ), held AS (SELECT false AS held_back)
 {{tail}}"""
 
@@ -661,7 +681,8 @@ _SETTLED_COLUMNS = """,
        ARRAY(SELECT s.step_slug FROM settled s ORDER BY s.run_id, s.step_slug, s.task_index)
          AS settled_step_slugs,
        ARRAY(SELECT s.task_index FROM settled s ORDER BY s.run_id, s.step_slug, s.task_index)
-         AS settled_task_indexes"""
+         AS settled_task_indexes,
+       (SELECT n FROM put_back) AS put_back"""
 
 
 @functools.cache
@@ -676,6 +697,7 @@ def _complete_and_claim_statement(queue: str) -> Executable:
             column("settled_run_ids", ARRAY(PG_UUID(as_uuid=True))),
             column("settled_step_slugs", ARRAY(Text())),
             column("settled_task_indexes", ARRAY(Integer())),
+            column("put_back", BigInteger()),
         )
     )
 
@@ -691,8 +713,10 @@ def complete_and_claim(
     """:func:`complete_fenced` of tasks of flow ``queue``, then :func:`claim` of up to
     ``qty`` of its messages, in one statement: the claim sees the steps the completions
     started. Rows as :func:`claim`'s (never limited: a flow with limits reads nothing
-    here, and says so), each also carrying the keys that were settled
-    (``settled_run_ids``, ``settled_step_slugs``, ``settled_task_indexes``)."""
+    here, and says so; nor a worker that retired meanwhile), each also carrying the keys
+    that were settled (``settled_run_ids``, ``settled_step_slugs``,
+    ``settled_task_indexes``) and how many messages it read were put back (``put_back``:
+    enqueued after it began)."""
     return _complete_and_claim_statement(queue), {
         **_fence_params(fences),
         "values": _in_fence_order(fences, outputs),

@@ -186,6 +186,10 @@ class Poller:
         self._poll_moved.set()
         return False
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping is not None and self._stopping.is_set()
+
     def claim_with_completion(self) -> FollowingClaim | None:
         """A claim to make in the statement that writes completions of this flow (see
         worker_queries.complete_and_claim), holding slots of the budget taken now; None
@@ -277,7 +281,15 @@ class Poller:
             )
             if self._limited:
                 rows = await self._claim_rows(qty, True)
-        claimed = [
+        claimed = self._tasks_from(rows)
+        for task in claimed:
+            self._launch(task)
+        if not rows:
+            return claimed, 0, None
+        return self._visible_in(rows[0], claimed)
+
+    def _tasks_from(self, rows: list[Any]) -> list[ClaimedTask]:
+        return [
             ClaimedTask(
                 flow=self.flow,
                 step=self.flow.get_step(row.step_slug),
@@ -294,11 +306,10 @@ class Poller:
             for row in rows
             if row.run_id is not None
         ]
-        for task in claimed:
-            self._launch(task)
-        if not rows:
-            return claimed, 0, None
-        first = rows[0]
+
+    def _visible_in(
+        self, first: Any, claimed: list[ClaimedTask]
+    ) -> tuple[list[ClaimedTask], int, float | None]:
         visible_in = None
         if first.next_visible_at is not None:
             # both times are the database's: no clock skew
@@ -351,9 +362,21 @@ class FollowingClaim:
         poller = self.poller
         return poller.flow.slug, poller._settings.visibility_timeout, self.qty, poller.worker_id
 
-    async def claimed(self, rows: list[Any]) -> None:
-        """The statement committed: launch what it claimed."""
+    async def claimed(
+        self, rows: list[Any], hand_back: Callable[[list[ClaimedTask]], Awaitable[int]]
+    ) -> None:
+        """The statement committed: launch what it claimed, or ``hand_back`` all of it
+        (never run, no attempt counted) when the worker is stopping meanwhile."""
         poller = self.poller
+        if rows and rows[0].put_back:
+            poller.wake.set()  # messages it could not start are visible again
+        if poller.stopping:
+            self.poller._budget.give(self.qty)
+            self._end()
+            tasks = poller._tasks_from(rows)
+            if tasks:
+                await hand_back(tasks)
+            return
         try:
             tasks, read, visible_in = await poller._take(rows, self.qty)
         except DB_ERRORS as exc:  # the claim again, with limits that appeared

@@ -112,7 +112,7 @@ class Settler:
         )
         for task, _ in items:
             task.claim_followed = True
-        await claim.claimed(rows)
+        await claim.claimed(rows, self.hand_back)
         await self._completed(items, done)
 
     async def _completed(

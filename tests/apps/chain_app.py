@@ -23,7 +23,8 @@ def first(input: Any, ctx: Context) -> int:
 
 
 @chained.step(depends_on=first)
-async def second(input: Any, ctx: Context) -> int:
+def second(input: Any, ctx: Context) -> int:
+    record(ctx, "start")
     return int(input["first"]) + 1
 
 
