@@ -5,10 +5,12 @@ completion nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -127,18 +129,12 @@ def test_a_completing_statement_held_up_past_a_stop_starts_nothing(
         conn.execute("INSERT INTO switches VALUES ('first_waits', true)")
     [process] = workers(prepared, tmp_path, 1, app="chain_app:flows")
     [run_id] = start_runs(prepared, "chained", [{"n": 1}])
-    wait_until(lambda: ("first", "start") in _events(prepared), 30, "first to start")
-    with psycopg.connect(prepared) as locker:
-        locker.execute("SELECT 1 FROM pgflow.runs WHERE run_id = %s FOR UPDATE", [run_id])
-        with psycopg.connect(prepared, autocommit=True) as conn:
-            conn.execute("UPDATE switches SET value = false WHERE name = 'first_waits'")
-        wait_until(lambda: _waiting_on_a_lock(prepared), 30, "the completion to wait")
+    with _completion_behind_a_lock(prepared, run_id) as locker:
         process.proc.send_signal(signal.SIGTERM)
         if released == "while it stops":
             time.sleep(0.3)
             locker.commit()
         assert process.proc.wait(30) == 0
-        locker.commit()
     stop([process])
     wait_until(lambda: _task(prepared, run_id, "first") == ("completed", 1), 30, "first")
     assert _task(prepared, run_id, "second") == ("queued", 0)
@@ -175,20 +171,29 @@ def test_a_task_queued_while_the_completing_statement_waited_is_left_for_the_nex
         PGFLOW_SA_WORKER_FALLBACK_POLL_INTERVAL="30",
     )
     try:
-        wait_until(lambda: ("first", "start") in _events(prepared), 30, "first to start")
-        with psycopg.connect(prepared) as locker:
-            locker.execute("SELECT 1 FROM pgflow.runs WHERE run_id = %s FOR UPDATE", [waited])
-            with psycopg.connect(prepared, autocommit=True) as conn:
-                conn.execute("UPDATE switches SET value = false WHERE name = 'first_waits'")
-            wait_until(lambda: _waiting_on_a_lock(prepared), 30, "the completion to wait")
+        with _completion_behind_a_lock(prepared, waited):
             start_runs(prepared, "chained", [{"n": 10}])
-            locker.commit()
         wait_until(lambda: _all_completed(prepared, 2), 60, "both runs to complete")
     finally:
         stop([process])
     assert "completing with a claim failed" not in process.output()
     assert _outputs(prepared) == [{"third": 12}, {"third": 3}]
     assert sorted(_events(prepared)) == [("first", "start")] * 2 + [("second", "start")] * 2
+
+
+@contextlib.contextmanager
+def _completion_behind_a_lock(url: str, run_id: object) -> Iterator[psycopg.Connection[Any]]:
+    """Once `first` of ``run_id`` runs: another session locks the run, `first` is let
+    finish, and the statement completing it waits for that lock until the block ends
+    (or the yielded session commits)."""
+    wait_until(lambda: ("first", "start") in _events(url), 30, "first to start")
+    with psycopg.connect(url) as locker:
+        locker.execute("SELECT 1 FROM pgflow.runs WHERE run_id = %s FOR UPDATE", [run_id])
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("UPDATE switches SET value = false WHERE name = 'first_waits'")
+        wait_until(lambda: _waiting_on_a_lock(url), 30, "the completion to wait")
+        yield locker
+        locker.commit()
 
 
 def _waiting_on_a_lock(url: str) -> bool:
