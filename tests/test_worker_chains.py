@@ -181,6 +181,55 @@ def test_a_task_queued_while_the_completing_statement_waited_is_left_for_the_nex
     assert sorted(_events(prepared)) == [("first", "start")] * 2 + [("second", "start")] * 2
 
 
+def test_a_claim_held_up_by_a_locked_task_lets_the_worker_heartbeat(
+    prepared: str, tmp_path: Path
+) -> None:
+    """The statement completing `first` reads another run's message whose task a second
+    session holds locked, so starting it waits, while the statement holds the worker's
+    row (read after the completions). It gives up within its lock timeout and the
+    worker completes alone: its heartbeat goes on (no worker would take its tasks for
+    stalled) and both runs complete, each handler run once."""
+    with psycopg.connect(prepared, autocommit=True) as conn:
+        conn.execute("INSERT INTO switches VALUES ('first_waits', true)")
+    _, blocked = start_runs(prepared, "chained", [{"n": 1}, {"n": 2}])
+    hide = "SELECT pgmq.set_vt('chained', message_id, %s) FROM pgflow.step_tasks WHERE run_id = %s"
+    with psycopg.connect(prepared, autocommit=True) as conn:
+        conn.execute(hide, [60, blocked])  # the worker's first read takes `waited` only
+    [process] = workers(
+        prepared,
+        tmp_path,
+        1,
+        app="chain_app:flows",
+        PGFLOW_SA_WORKER_USE_NOTIFICATIONS="false",
+        PGFLOW_SA_WORKER_POLL_INTERVAL="30",
+        PGFLOW_SA_WORKER_FALLBACK_POLL_INTERVAL="30",
+        PGFLOW_SA_WORKER_STALL_MARGIN="3",
+    )
+    ages = []
+    try:
+        wait_until(lambda: ("first", "start") in _events(prepared), 30, "first to start")
+        with psycopg.connect(prepared) as locker:
+            locker.execute(
+                "SELECT 1 FROM pgflow.step_tasks WHERE run_id = %s FOR UPDATE", [blocked]
+            )
+            with psycopg.connect(prepared, autocommit=True) as conn:
+                conn.execute(hide, [0, blocked])
+                conn.execute("UPDATE switches SET value = false WHERE name = 'first_waits'")
+                for _ in range(25):
+                    (age,) = conn.execute(
+                        "SELECT extract(epoch FROM now() - max(last_heartbeat_at))::float "
+                        "FROM pgflow.workers WHERE queue_name = 'chained'"
+                    ).fetchone()
+                    ages.append(age)
+                    time.sleep(0.2)
+        wait_until(lambda: _all_completed(prepared, 2), 60, "both runs to complete")
+    finally:
+        stop([process])
+    assert max(ages) < 3, ages  # under the stall margin all along
+    assert _outputs(prepared) == [{"third": 3}, {"third": 4}]
+    assert sorted(_events(prepared)) == [("first", "start")] * 2 + [("second", "start")] * 2
+
+
 @contextlib.contextmanager
 def _completion_behind_a_lock(url: str, run_id: object) -> Iterator[psycopg.Connection[Any]]:
     """Once `first` of ``run_id`` runs: another session locks the run, `first` is let

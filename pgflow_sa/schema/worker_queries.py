@@ -645,7 +645,10 @@ def limited_claim(queue: str, vt_margin: int, qty: int, worker_id: uuid.UUID) ->
 #
 # ``alive`` locks the worker's row FOR SHARE after the completions, so that READ
 # COMMITTED re-reads it then: a worker that retired (stopped) while this statement
-# waited for a lock claims nothing. A message enqueued by a transaction that began
+# waited for a lock claims nothing. That lock holds the worker's heartbeat and its
+# retiring until the statement ends, so from then on the statement waits for no lock
+# longer than ``lock_timeout`` (set after the completions, which may wait as long as
+# they must): past it the statement fails, and the worker completes alone. A message enqueued by a transaction that began
 # after this one is put back at once (visible again) rather than started: pgflow stamps
 # started_at with the transaction's start, which must not precede the task's queued_at.
 _COMPLETE_AND_CLAIM_SQL = f"""
@@ -654,8 +657,10 @@ WITH {_OWNED}, settled AS MATERIALIZED (
     FROM owned o
     CROSS JOIN LATERAL (SELECT count(*) FROM {_COMPLETE_OR_END}) AS s
 ), limits AS MATERIALIZED (
-    SELECT CASE WHEN (SELECT count(*) FROM settled) >= 0 THEN EXISTS (
-        SELECT 1 FROM pgflow_sa.flow_limits l WHERE l.flow_slug = :queue) END AS limited
+    SELECT CASE WHEN (SELECT count(*) FROM settled) >= 0 THEN
+        CASE WHEN set_config('lock_timeout', :lock_timeout, true) IS NOT NULL THEN EXISTS (
+            SELECT 1 FROM pgflow_sa.flow_limits l WHERE l.flow_slug = :queue) END
+    END AS limited
 ), alive AS MATERIALIZED (
     SELECT w.worker_id FROM pgflow.workers w
     WHERE w.worker_id = :worker_id AND w.deprecated_at IS NULL
@@ -690,7 +695,9 @@ def _complete_and_claim_statement(queue: str) -> Executable:
     return (  # type: ignore[no-any-return]
         _claim_sql(_COMPLETE_AND_CLAIM_SQL, queue, _SETTLED_COLUMNS)
         .bindparams(  # type: ignore[attr-defined]
-            *_FENCE_BINDS, bindparam("values", type_=JSONB(none_as_null=False))
+            *_FENCE_BINDS,
+            bindparam("values", type_=JSONB(none_as_null=False)),
+            bindparam("lock_timeout", type_=Text()),
         )
         .columns(
             *_CLAIM_COLUMNS,
@@ -709,6 +716,7 @@ def complete_and_claim(
     vt_margin: int,
     qty: int,
     worker_id: uuid.UUID,
+    lock_timeout_ms: int,
 ) -> Query:
     """:func:`complete_fenced` of tasks of flow ``queue``, then :func:`claim` of up to
     ``qty`` of its messages, in one statement: the claim sees the steps the completions
@@ -716,7 +724,8 @@ def complete_and_claim(
     here, and says so; nor a worker that retired meanwhile), each also carrying the keys
     that were settled (``settled_run_ids``, ``settled_step_slugs``,
     ``settled_task_indexes``) and how many messages it read were put back (``put_back``:
-    enqueued after it began)."""
+    enqueued after it began). Once the completions are written, no lock is waited for
+    longer than ``lock_timeout_ms``."""
     return _complete_and_claim_statement(queue), {
         **_fence_params(fences),
         "values": _in_fence_order(fences, outputs),
@@ -724,6 +733,7 @@ def complete_and_claim(
         "vt_margin": vt_margin,
         "qty": qty,
         "worker_id": worker_id,
+        "lock_timeout": f"{lock_timeout_ms}ms",
     }
 
 

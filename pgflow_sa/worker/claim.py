@@ -357,10 +357,23 @@ class FollowingClaim:
         poller.in_flight.add(self._in_flight)
 
     @property
-    def arguments(self) -> tuple[str, int, int, uuid.UUID]:
-        """queue, vt_margin, qty, worker_id of worker_queries.complete_and_claim."""
+    def arguments(self) -> tuple[str, int, int, uuid.UUID, int]:
+        """queue, vt_margin, qty, worker_id, lock_timeout_ms of
+        worker_queries.complete_and_claim. The lock timeout: the statement holds the
+        worker's row (its heartbeat waits) for at most a quarter of the time between a
+        heartbeat and the stall margin, and at most half a second (the worker's row
+        is marked stopped within its close grace)."""
         poller = self.poller
-        return poller.flow.slug, poller._settings.visibility_timeout, self.qty, poller.worker_id
+        settings = poller._settings
+        spare = settings.stall_margin - settings.heartbeat_interval
+        lock_timeout_ms = max(20, min(500, int(spare * 1000 / 4)))
+        return (
+            poller.flow.slug,
+            settings.visibility_timeout,
+            self.qty,
+            poller.worker_id,
+            lock_timeout_ms,
+        )
 
     async def claimed(
         self, rows: list[Any], hand_back: Callable[[list[ClaimedTask]], Awaitable[int]]
