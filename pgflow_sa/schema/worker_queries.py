@@ -508,7 +508,7 @@ SELECT m.read_count,
         WHERE q.msg_id <> ALL (ARRAY(SELECT msg_id FROM msgs))
         ORDER BY q.vt LIMIT 1) AS next_visible_at,
        (SELECT limited FROM limits) AS limited,
-       (SELECT held_back FROM held) AS held_back
+       (SELECT held_back FROM held) AS held_back{settled_columns}
 FROM (SELECT count(*) AS read_count FROM msgs) AS m
 LEFT JOIN (
     -- The reads below use the statement's snapshot, taken before pgmq.read and
@@ -554,13 +554,13 @@ _CLAIM_COLUMNS = (
 )
 
 
-def _claim_sql(template: str, queue: str) -> Executable:
+def _claim_sql(template: str, queue: str, settled_columns: str = "") -> Executable:
     from ..dsl import is_safe_slug
 
     if not is_safe_slug(queue):
         raise ValueError(f"not a pgflow queue name: {queue!r}")
     sql = (
-        template.replace("{tail}", _CLAIM_TAIL)
+        template.replace("{tail}", _CLAIM_TAIL.replace("{settled_columns}", settled_columns))
         .replace("{hide_for}", _HIDE_FOR)
         .replace("{queue_table}", f"q_{queue.lower()}")
     )
@@ -631,6 +631,109 @@ def limited_claim(queue: str, vt_margin: int, qty: int, worker_id: uuid.UUID) ->
         "qty": qty,
         "worker_id": worker_id,
         "scan": max(LIMITED_SCAN_MIN, qty * 4),
+    }
+
+
+# A completion and the next claim of the same flow in one statement (one round trip,
+# one commit): ``settled`` completes the fenced tasks as complete_fenced does, and the
+# claim reads the queue only after it (``limits`` names ``settled`` first, ``alive``
+# names ``limits``, and the read's size names both). pgmq.read and start_tasks are
+# VOLATILE: they read with a snapshot of their own, taken after complete_task ran, so
+# they see the steps it started and the outputs their tasks' inputs are made of (the
+# statement's own snapshot does not: the claim's attempt subquery counts such a task as
+# a first attempt, which it is).
+#
+# ``alive`` locks the worker's row FOR SHARE after the completions, so that READ
+# COMMITTED re-reads it then: a worker that retired (stopped) while this statement
+# waited for a lock claims nothing. That lock holds the worker's heartbeat and its
+# retiring until the statement ends, so from then on the statement waits for no lock
+# longer than ``lock_timeout`` (set after the completions, which may wait as long as
+# they must): past it the statement fails, and the worker completes alone. A message enqueued by a transaction that began
+# after this one is put back at once (visible again) rather than started: pgflow stamps
+# started_at with the transaction's start, which must not precede the task's queued_at.
+_COMPLETE_AND_CLAIM_SQL = f"""
+WITH {_OWNED}, settled AS MATERIALIZED (
+    SELECT o.run_id, o.step_slug, o.task_index
+    FROM owned o
+    CROSS JOIN LATERAL (SELECT count(*) FROM {_COMPLETE_OR_END}) AS s
+), limits AS MATERIALIZED (
+    SELECT CASE WHEN (SELECT count(*) FROM settled) >= 0 THEN
+        CASE WHEN set_config('lock_timeout', :lock_timeout, true) IS NOT NULL THEN EXISTS (
+            SELECT 1 FROM pgflow_sa.flow_limits l WHERE l.flow_slug = :queue) END
+    END AS limited
+), alive AS MATERIALIZED (
+    SELECT w.worker_id FROM pgflow.workers w
+    WHERE w.worker_id = :worker_id AND w.deprecated_at IS NULL
+      AND (SELECT limited FROM limits) IS NOT NULL
+    FOR SHARE OF w
+), fetched AS MATERIALIZED (
+    SELECT r.msg_id, r.enqueued_at FROM pgmq.read(
+        :queue, {{hide_for}},
+        CASE WHEN (SELECT limited FROM limits) OR NOT EXISTS (SELECT 1 FROM alive) THEN 0
+             ELSE :qty END) AS r
+), msgs AS MATERIALIZED (
+    SELECT r.msg_id FROM fetched r WHERE r.enqueued_at <= now()
+), put_back AS MATERIALIZED (
+    SELECT count(*) AS n FROM fetched r
+    CROSS JOIN LATERAL pgmq.set_vt(:queue, r.msg_id, 0) AS v
+    WHERE r.enqueued_at > now()
+), held AS (SELECT false AS held_back)
+{{tail}}"""
+
+_SETTLED_COLUMNS = """,
+       ARRAY(SELECT s.run_id FROM settled s ORDER BY s.run_id, s.step_slug, s.task_index)
+         AS settled_run_ids,
+       ARRAY(SELECT s.step_slug FROM settled s ORDER BY s.run_id, s.step_slug, s.task_index)
+         AS settled_step_slugs,
+       ARRAY(SELECT s.task_index FROM settled s ORDER BY s.run_id, s.step_slug, s.task_index)
+         AS settled_task_indexes,
+       (SELECT n FROM put_back) AS put_back"""
+
+
+@functools.cache
+def _complete_and_claim_statement(queue: str) -> Executable:
+    return (  # type: ignore[no-any-return]
+        _claim_sql(_COMPLETE_AND_CLAIM_SQL, queue, _SETTLED_COLUMNS)
+        .bindparams(  # type: ignore[attr-defined]
+            *_FENCE_BINDS,
+            bindparam("values", type_=JSONB(none_as_null=False)),
+            bindparam("lock_timeout", type_=Text()),
+        )
+        .columns(
+            *_CLAIM_COLUMNS,
+            column("settled_run_ids", ARRAY(PG_UUID(as_uuid=True))),
+            column("settled_step_slugs", ARRAY(Text())),
+            column("settled_task_indexes", ARRAY(Integer())),
+            column("put_back", BigInteger()),
+        )
+    )
+
+
+def complete_and_claim(
+    fences: Sequence[Fence],
+    outputs: Sequence[Any],
+    queue: str,
+    vt_margin: int,
+    qty: int,
+    worker_id: uuid.UUID,
+    lock_timeout_ms: int,
+) -> Query:
+    """:func:`complete_fenced` of tasks of flow ``queue``, then :func:`claim` of up to
+    ``qty`` of its messages, in one statement: the claim sees the steps the completions
+    started. Rows as :func:`claim`'s (never limited: a flow with limits reads nothing
+    here, and says so; nor a worker that retired meanwhile), each also carrying the keys
+    that were settled (``settled_run_ids``, ``settled_step_slugs``,
+    ``settled_task_indexes``) and how many messages it read were put back (``put_back``:
+    enqueued after it began). Once the completions are written, no lock is waited for
+    longer than ``lock_timeout_ms``."""
+    return _complete_and_claim_statement(queue), {
+        **_fence_params(fences),
+        "values": _in_fence_order(fences, outputs),
+        "queue": queue,
+        "vt_margin": vt_margin,
+        "qty": qty,
+        "worker_id": worker_id,
+        "lock_timeout": f"{lock_timeout_ms}ms",
     }
 
 

@@ -57,6 +57,14 @@ class Budget:
         self.free -= taken
         return taken
 
+    def try_take(self, most: int) -> int:
+        """Up to ``most`` free slots without waiting (0: none free, or closed)."""
+        if self.closed or self.free <= 0:
+            return 0
+        taken = min(most, self.free)
+        self.free -= taken
+        return taken
+
     def close(self) -> None:
         """No more slots are handed out (the worker stops); waiting takers get 0."""
         self.closed = True
@@ -112,10 +120,12 @@ class Poller:
         #: the flow has concurrency limits (pgflow_sa.flow_limits): claimed in turns
         self._limited = flow.limits() is not None
         self._held_back_since: float | None = None
+        self._stopping: asyncio.Event | None = None
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Claim until stopped or deprecated, in LANES lanes: a wake-up that arrives
         while one lane is reading starts a claim in another at once."""
+        self._stopping = stopping
         await together(*(self._lane(stopping, polls=i == 0) for i in range(LANES)))
 
     async def _lane(self, stopping: asyncio.Event, polls: bool) -> None:
@@ -148,25 +158,50 @@ class Poller:
                 self.in_flight.discard(done)
                 done.set_result(None)
             backoff.reset()
-            self._budget.give(qty - len(claimed))
-            # (a limit holding messages back: a slot this worker frees may take one)
-            self.more_waiting = (
-                read >= qty
-                or (visible_in is not None and visible_in <= 0)
-                or self._held_back_since is not None
-            )
-            events.emit(
-                "poll",
-                {"messages": read, "duration_s": time.monotonic() - started},
-                flow_slug=self.flow.slug,
-                requested=qty,
-            )
-            if read >= qty:
-                claim_now = True  # a full batch: there may be more waiting
-            else:
-                loop = asyncio.get_running_loop()
-                self._poll_at = loop.time() + self._idle_interval(visible_in)
-                self._poll_moved.set()
+            # a full batch: there may be more waiting
+            claim_now = self._claimed(qty, len(claimed), read, visible_in, started)
+
+    def _claimed(
+        self, qty: int, claimed: int, read: int, visible_in: float | None, started: float
+    ) -> bool:
+        """After a claim of ``qty`` slots: the slots not used go back, the next idle
+        read is scheduled; whether to claim again at once (it read a full batch)."""
+        self._budget.give(qty - claimed)
+        # (a limit holding messages back: a slot this worker frees may take one)
+        self.more_waiting = (
+            read >= qty
+            or (visible_in is not None and visible_in <= 0)
+            or self._held_back_since is not None
+        )
+        events.emit(
+            "poll",
+            {"messages": read, "duration_s": time.monotonic() - started},
+            flow_slug=self.flow.slug,
+            requested=qty,
+        )
+        if read >= qty:
+            return True
+        loop = asyncio.get_running_loop()
+        self._poll_at = loop.time() + self._idle_interval(visible_in)
+        self._poll_moved.set()
+        return False
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping is not None and self._stopping.is_set()
+
+    def claim_with_completion(self) -> FollowingClaim | None:
+        """A claim to make in the statement that writes completions of this flow (see
+        worker_queries.complete_and_claim), holding slots of the budget taken now; None
+        when there is none to make (no free slot, the flow has limits, or it stops)."""
+        if self._limited or self.deprecated or self._stopping is None:
+            return None
+        if self._stopping.is_set() or not self._room.is_set():
+            return None
+        qty = self._budget.try_take(self._settings.batch_size)
+        if not qty:
+            return None
+        return FollowingClaim(self, qty)
 
     def _idle_interval(self, visible_in: float | None) -> float:
         interval = (
@@ -231,7 +266,10 @@ class Poller:
         transaction of two (worker_queries.limited_claim); every claimed task is
         launched before this returns. (claimed, messages read, seconds until the next
         hidden message becomes visible or None)."""
-        rows = await self._claim_rows(qty, self._limited)
+        return await self._take(await self._claim_rows(qty, self._limited), qty)
+
+    async def _take(self, rows: list[Any], qty: int) -> tuple[list[ClaimedTask], int, float | None]:
+        """Launch the tasks of a claim's rows; as :meth:`_claim`."""
         if rows and bool(rows[0].limited) != self._limited:
             # limits were set or removed (a worker of the flow started with others):
             # the statement that read nothing for this flow is the wrong one now
@@ -243,7 +281,15 @@ class Poller:
             )
             if self._limited:
                 rows = await self._claim_rows(qty, True)
-        claimed = [
+        claimed = self._tasks_from(rows)
+        for task in claimed:
+            self._launch(task)
+        if not rows:
+            return claimed, 0, None
+        return self._visible_in(rows[0], claimed)
+
+    def _tasks_from(self, rows: list[Any]) -> list[ClaimedTask]:
+        return [
             ClaimedTask(
                 flow=self.flow,
                 step=self.flow.get_step(row.step_slug),
@@ -260,11 +306,10 @@ class Poller:
             for row in rows
             if row.run_id is not None
         ]
-        for task in claimed:
-            self._launch(task)
-        if not rows:
-            return claimed, 0, None
-        first = rows[0]
+
+    def _visible_in(
+        self, first: Any, claimed: list[ClaimedTask]
+    ) -> tuple[list[ClaimedTask], int, float | None]:
         visible_in = None
         if first.next_visible_at is not None:
             # both times are the database's: no clock skew
@@ -295,3 +340,75 @@ class Poller:
         return await self._statements.rows(
             statement, after=worker_queries.limits_lock_key(self.flow.slug)
         )
+
+
+class FollowingClaim:
+    """A claim of a poller's flow made by the statement that writes completions of the
+    flow (one round trip for both: the steps they start are claimed at once). It holds
+    ``qty`` slots of the budget from :meth:`Poller.claim_with_completion` until
+    :meth:`claimed` or :meth:`failed`, and counts as a claim in flight meanwhile (so
+    that no task it starts is taken for an orphan)."""
+
+    def __init__(self, poller: Poller, qty: int) -> None:
+        self.poller = poller
+        self.qty = qty
+        self._started = time.monotonic()
+        self._in_flight: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        poller.in_flight.add(self._in_flight)
+
+    @property
+    def arguments(self) -> tuple[str, int, int, uuid.UUID, int]:
+        """queue, vt_margin, qty, worker_id, lock_timeout_ms of
+        worker_queries.complete_and_claim. The lock timeout: the statement holds the
+        worker's row (its heartbeat waits) for at most a quarter of the time between a
+        heartbeat and the stall margin, and at most half a second (the worker's row
+        is marked stopped within its close grace)."""
+        poller = self.poller
+        settings = poller._settings
+        spare = settings.stall_margin - settings.heartbeat_interval
+        lock_timeout_ms = max(20, min(500, int(spare * 1000 / 4)))
+        return (
+            poller.flow.slug,
+            settings.visibility_timeout,
+            self.qty,
+            poller.worker_id,
+            lock_timeout_ms,
+        )
+
+    async def claimed(
+        self, rows: list[Any], hand_back: Callable[[list[ClaimedTask]], Awaitable[int]]
+    ) -> None:
+        """The statement committed: launch what it claimed, or ``hand_back`` all of it
+        (never run, no attempt counted) when the worker is stopping meanwhile."""
+        poller = self.poller
+        if rows and rows[0].put_back:
+            poller.wake.set()  # messages it could not start are visible again
+        if poller.stopping:
+            self.poller._budget.give(self.qty)
+            self._end()
+            tasks = poller._tasks_from(rows)
+            if tasks:
+                await hand_back(tasks)
+            return
+        try:
+            tasks, read, visible_in = await poller._take(rows, self.qty)
+        except DB_ERRORS as exc:  # the claim again, with limits that appeared
+            poller._budget.give(self.qty)
+            logger.warning("claiming tasks of %s failed (%s)", poller.flow.slug, first_line(exc))
+            poller.wake.set()
+            return
+        finally:
+            self._end()
+        if poller._claimed(self.qty, len(tasks), read, visible_in, self._started):
+            poller.wake.set()  # a full batch: there may be more waiting
+
+    def failed(self) -> None:
+        """The statement did not commit (the completions are written without it)."""
+        self.poller._budget.give(self.qty)
+        self._end()
+        self.poller.wake.set()
+
+    def _end(self) -> None:
+        self.poller.in_flight.discard(self._in_flight)
+        if not self._in_flight.done():
+            self._in_flight.set_result(None)

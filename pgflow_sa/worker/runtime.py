@@ -13,7 +13,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import Engine, create_engine
@@ -31,7 +31,7 @@ from ..exceptions import ConfigurationError
 from ..pooler import listen_url, psycopg_connect_args, transaction_pooling
 from ..registry import FlowRegistry
 from ..schema import worker_queries
-from .claim import Budget, Poller
+from .claim import Budget, FollowingClaim, Poller
 from .execute import FlowInputs, Sessions, TaskRunner
 from .lifecycle import Lifecycle, WorkerStartupError, keep_trying
 from .listener import Listener
@@ -207,7 +207,7 @@ class Worker:
             stopping.set()
         self._give_up_at = None
         self.budget = Budget(self.settings.max_concurrency)
-        batcher = CompletionBatcher(self.settler)
+        batcher = CompletionBatcher(self.settler, claim_for=self._claim_with)
         self._runner = TaskRunner(
             self.settler,
             batcher.complete,
@@ -330,6 +330,16 @@ class Worker:
         poller = self._pollers.get(slug)
         if poller is not None:
             poller.wake.set()
+
+    def _claim_with(self, tasks: Sequence[ClaimedTask]) -> FollowingClaim | None:
+        """The claim that rides in the statement completing ``tasks``, if any."""
+        wakeups = self._wakeups
+        slug = wakeups.claim_after(tasks) if wakeups is not None else None
+        poller = self._pollers.get(slug) if slug is not None else None
+        claim = poller.claim_with_completion() if poller is not None else None
+        if claim is not None and wakeups is not None:
+            wakeups.claiming(tasks)
+        return claim
 
     def _launch(self, task: ClaimedTask) -> None:
         """Run a claimed task; it holds one slot of the budget (taken by its poller)

@@ -18,6 +18,7 @@ from .._aio import together
 from .._backoff import Backoff
 from .._db import DB_ERRORS, ErrorKind, classify, first_line
 from ..schema import worker_queries
+from .claim import FollowingClaim
 from .direct import DirectStatements
 from .handlers import storable
 from .task import ClaimedTask, TaskKey, TaskState
@@ -77,6 +78,46 @@ class Settler:
             return
         if done is None:
             return
+        await self._completed(items, done)
+
+    async def complete_and_claim(
+        self, items: Sequence[tuple[ClaimedTask, Any]], claim: FollowingClaim
+    ) -> None:
+        """:meth:`complete` with ``claim`` in the same statement (all ``items`` of the
+        claim's flow). Should that statement fail, the claim is dropped and the
+        completions are written by :meth:`complete`, with its retries and isolation
+        of refusals (a statement that did commit before its answer was lost settles
+        nothing twice: it is fenced; what it claimed is an orphan, handed back)."""
+        statement = worker_queries.complete_and_claim(
+            [t.fence for t, _ in items], [output for _, output in items], *claim.arguments
+        )
+        try:
+            rows = await self._statements.rows(statement)
+        except DB_ERRORS as exc:
+            claim.failed()
+            logger.debug("completing with a claim failed (%s); completing alone", first_line(exc))
+            await self.complete(items)
+            return
+        except BaseException:
+            claim.failed()
+            raise
+        first = rows[0]
+        done = set(
+            zip(
+                first.settled_run_ids,
+                first.settled_step_slugs,
+                first.settled_task_indexes,
+                strict=True,
+            )
+        )
+        for task, _ in items:
+            task.claim_followed = True
+        await claim.claimed(rows, self.hand_back)
+        await self._completed(items, done)
+
+    async def _completed(
+        self, items: Sequence[tuple[ClaimedTask, Any]], done: set[TaskKey]
+    ) -> None:
         for task, _ in items:
             task.completed = task.key in done
         await self._record([t for t, _ in items], done, TaskState.SETTLED)
@@ -236,8 +277,12 @@ class CompletionBatcher:
         max_batch: int = 500,
         max_backlog: int = 2000,
         writers: int = 2,
+        claim_for: Callable[[Sequence[ClaimedTask]], FollowingClaim | None] = lambda tasks: None,
     ) -> None:
+        """``claim_for(tasks)``: a claim to make in the statement completing ``tasks``
+        (see :meth:`Settler.complete_and_claim`), or None."""
         self._settler = settler
+        self._claim_for = claim_for
         self._max_batch = max_batch
         self._max_backlog = max_backlog
         self._writers = writers
@@ -276,7 +321,12 @@ class CompletionBatcher:
             del self._pending[: self._max_batch]
             self._writing += len(batch)
             try:
-                await self._settler.complete([(task, output) for task, output, _ in batch])
+                items = [(task, output) for task, output, _ in batch]
+                claim = self._claim_for([task for task, _ in items])
+                if claim is None:
+                    await self._settler.complete(items)
+                else:
+                    await self._settler.complete_and_claim(items, claim)
             except BaseException as exc:
                 for _, _, done in batch:
                     if done.done():

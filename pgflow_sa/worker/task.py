@@ -55,6 +55,9 @@ class ClaimedTask:
     #: settled by the worker's own completion statement (which publishes pgflow's
     #: events for the steps it started), not failed nor completed in a handler's session
     completed: bool = False
+    #: its completion statement also claimed tasks of its flow (so the steps that
+    #: completion started need no wake-up)
+    claim_followed: bool = False
     #: the flow input, for handlers of map steps (their task input is the element)
     flow_input: Any = field(default=None, repr=False)
     #: a retry reusing outputs: this task completed in the run retried, with this output

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import collections
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from ..dsl import Flow
 from .task import ClaimedTask
@@ -70,25 +70,55 @@ class Wakeups:
         #: started steps whose completion returned first (it woke the poller)
         self._expected: collections.OrderedDict[_Key, None] = collections.OrderedDict()
 
+    def claim_after(self, tasks: Sequence[ClaimedTask]) -> str | None:
+        """The flow to claim from in the statement that completes ``tasks`` (see
+        Settler.complete_and_claim): their one flow, when their completions may start
+        a step of it (one that depends on one of them alone) or its queue holds more
+        than its latest claim could take; else None (the poller claims if woken)."""
+        flow_slug = tasks[0].flow.slug
+        if any(task.flow.slug != flow_slug for task in tasks):
+            return None
+        if self._more_waiting(flow_slug):
+            return flow_slug
+        if any((flow_slug, task.record.step_slug) in self._sole_dependents for task in tasks):
+            return flow_slug
+        return None
+
+    def claiming(self, tasks: Sequence[ClaimedTask]) -> None:
+        """A statement completing ``tasks`` and claiming after them is about to be
+        sent: the events of the steps those completions start are not news (they may
+        arrive before the statement's answer)."""
+        for task in tasks:
+            self._expect(task)
+
     def settled(self, task: ClaimedTask) -> None:
         """A task this worker settled: its completion may have started steps, and its
-        failure may have made a retry due sooner than the poller knows."""
+        failure may have made a retry due sooner than the poller knows. A completion
+        whose statement claimed too wakes nothing: that claim read the queue after the
+        completion (and woke the poller itself when it read a full batch)."""
         flow_slug = task.flow.slug
+        if task.claim_followed:
+            return  # expected before its statement was sent (see claiming)
         if not (task.completed and self._notified()):
             self._wake_flow(flow_slug)
             return
         if self._more_waiting(flow_slug):
             self._wake_flow(flow_slug)  # and the step events as they come
             return
+        if self._expect(task):
+            self._wake_flow(flow_slug)
+
+    def _expect(self, task: ClaimedTask) -> bool:
+        """Pair the steps ``task``'s completion started with their events: whether one
+        has not been announced yet (its event, when it comes, is dropped)."""
         run_id = task.record.run_id
-        dependents = self._sole_dependents.get((flow_slug, task.record.step_slug), ())
+        dependents = self._sole_dependents.get((task.flow.slug, task.record.step_slug), ())
         fresh = [step for step in dependents if (run_id, step) not in self._announced]
         for step in dependents:
             self._announced.pop((run_id, step), None)
-        if fresh:
-            for step in fresh:
-                _remember(self._expected, (run_id, step))
-            self._wake_flow(flow_slug)
+        for step in fresh:
+            _remember(self._expected, (run_id, step))
+        return bool(fresh)
 
     def step_started(self, run_id: uuid.UUID | None, step_slug: str | None) -> None:
         """pgflow's step:started event (None: one that names no run or step)."""
