@@ -230,6 +230,30 @@ def test_a_claim_held_up_by_a_locked_task_lets_the_worker_heartbeat(
     assert sorted(_events(prepared)) == [("first", "start")] * 2 + [("second", "start")] * 2
 
 
+def test_a_claim_waiting_for_a_lock_when_its_worker_exits_starts_nothing(
+    prepared: str, tmp_path: Path
+) -> None:
+    """A claim waits for the row of a task another session holds locked when the worker
+    is stopped: the worker exits (abandoning that statement), and its server session,
+    which would otherwise wait on and start the task for a worker that is gone (to be
+    failed later as stalled, never run), notices the client is gone and rolls back."""
+    [run_id] = start_runs(prepared, "chained", [{"n": 5}])
+    with psycopg.connect(prepared) as locker:
+        locker.execute(
+            "SELECT 1 FROM pgflow.step_tasks WHERE run_id = %s AND step_slug = 'first' FOR UPDATE",
+            [run_id],
+        )
+        [process] = workers(prepared, tmp_path, 1, app="chain_app:flows")
+        try:
+            wait_until(lambda: _waiting_on_a_lock(prepared), 30, "the claim to wait")
+            process.proc.send_signal(signal.SIGTERM)
+            assert process.proc.wait(30) == 0
+        finally:
+            stop([process])
+        wait_until(lambda: not _waiting_on_a_lock(prepared), 10, "its session to end")
+    assert _task(prepared, run_id, "first") == ("queued", 0)
+
+
 @contextlib.contextmanager
 def _completion_behind_a_lock(url: str, run_id: object) -> Iterator[psycopg.Connection[Any]]:
     """Once `first` of ``run_id`` runs: another session locks the run, `first` is let

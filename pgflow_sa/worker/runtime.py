@@ -16,15 +16,16 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
+from sqlalchemy.util import await_only
 
 from .. import events
 from .._backoff import Backoff
-from .._db import DB_ERRORS
+from .._db import DB_ERRORS, first_line
 from ..config import async_engine_from_url, to_sqlalchemy_url
 from ..dsl import Flow
 from ..exceptions import ConfigurationError
@@ -134,13 +135,16 @@ class Worker:
         settings = {"application_name": APPLICATION_NAME}
         if not self._pooled:  # a pooler would refuse them, or pass them to others
             settings.update(plan_cache_mode=self.settings.plan_cache_mode, **(server or {}))
-        return async_engine_from_url(
+        engine = async_engine_from_url(
             url,
             pool_size=size,
             max_overflow=overflow,
             pool_recycle=self.settings.connection_lifetime or -1,
             connect_args={"timeout": CONNECT_TIMEOUT, "server_settings": settings},
         )
+        if not self._pooled:
+            event.listen(engine.sync_engine, "connect", _notice_a_gone_worker)
+        return engine
 
     @property
     def async_engine(self) -> AsyncEngine:
@@ -494,6 +498,20 @@ class Worker:
         settling = [future for _, future in self._tasks.values() if not future.done()]
         if settling:
             await asyncio.wait(settling, timeout=max(0.0, give_up_at - time.monotonic()))
+
+
+def _notice_a_gone_worker(dbapi_connection: Any, record: Any) -> None:
+    """A statement the worker abandoned when it stopped (say, a claim waiting for a
+    task row another session holds) would otherwise go on in its server session after
+    the worker exited, and start tasks for a worker that is gone: the server checks
+    every second that the client is still there, and ends the session when it is not.
+    PostgreSQL 14 and newer, on platforms that can tell (Linux among them); elsewhere
+    the setting is refused, and the worker goes on without it."""
+    driver = dbapi_connection.driver_connection
+    try:
+        await_only(driver.execute("SET client_connection_check_interval = 1000"))
+    except Exception as exc:  # older server, or a platform that cannot tell
+        logger.debug("client_connection_check_interval not set (%s)", first_line(exc))
 
 
 async def supervise(name: str, loop: Callable[[], Awaitable[None]]) -> None:
