@@ -51,11 +51,7 @@ class Budget:
         while self.free <= 0 and not self.closed:
             self._changed.clear()
             await self._changed.wait()
-        if self.closed:
-            return 0
-        taken = min(most, self.free)
-        self.free -= taken
-        return taken
+        return self.try_take(most)
 
     def try_take(self, most: int) -> int:
         """Up to ``most`` free slots without waiting (0: none free, or closed)."""
@@ -194,9 +190,9 @@ class Poller:
         """A claim to make in the statement that writes completions of this flow (see
         worker_queries.complete_and_claim), holding slots of the budget taken now; None
         when there is none to make (no free slot, the flow has limits, or it stops)."""
-        if self._limited or self.deprecated or self._stopping is None:
+        if self._limited or self.deprecated or self._stopping is None or self.stopping:
             return None
-        if self._stopping.is_set() or not self._room.is_set():
+        if not self._room.is_set():
             return None
         qty = self._budget.try_take(self._settings.batch_size)
         if not qty:
@@ -384,7 +380,7 @@ class FollowingClaim:
         if rows and rows[0].put_back:
             poller.wake.set()  # messages it could not start are visible again
         if poller.stopping:
-            self.poller._budget.give(self.qty)
+            poller._budget.give(self.qty)
             self._end()
             tasks = poller._tasks_from(rows)
             if tasks:
