@@ -134,13 +134,20 @@ def test_cancel_refuses_finished_and_unknown_runs(engine: Engine, prepared: str)
         cancel_run(conn, uuid.uuid4())
 
 
-def test_retry_of_a_failed_run_completes_and_is_linked(
-    engine: Engine, prepared: str, worker: WorkerProcess
-) -> None:
+def _failed_at_the_store(engine: Engine, prepared: str) -> uuid.UUID:
+    """A run of two_steps over [1, 2, 3] that failed at its `store` step (its `fetch`
+    tasks completed); the store's switch "store_fails" stays on."""
     with psycopg.connect(prepared) as conn:
         conn.execute("INSERT INTO switches VALUES ('store_fails', true)")
     original = start(engine, two_steps, [1, 2, 3])
     wait_until(lambda: status(engine, original) is RunStatus.FAILED, what="the failure")
+    return original
+
+
+def test_retry_of_a_failed_run_completes_and_is_linked(
+    engine: Engine, prepared: str, worker: WorkerProcess
+) -> None:
+    original = _failed_at_the_store(engine, prepared)
     with engine.begin() as conn, pytest.raises(RunStateError, match="still in progress"):
         retry_run(conn, start_flow(conn, two_steps, [1]).run_id)
     with psycopg.connect(prepared) as conn:
@@ -177,10 +184,7 @@ def _retried_once_the_store_works(engine: Engine, prepared: str, original: uuid.
 def test_retry_reusing_outputs_runs_only_what_failed(
     engine: Engine, prepared: str, worker: WorkerProcess
 ) -> None:
-    with psycopg.connect(prepared) as conn:
-        conn.execute("INSERT INTO switches VALUES ('store_fails', true)")
-    original = start(engine, two_steps, [1, 2, 3])
-    wait_until(lambda: status(engine, original) is RunStatus.FAILED, what="the failure")
+    original = _failed_at_the_store(engine, prepared)
     run = _retried_once_the_store_works(engine, prepared, original)
     assert events(prepared, run.run_id) == [("store", "start")]
     assert run.output == {"store": 60}

@@ -12,18 +12,30 @@ from .helpers import BIN
 SAMPLE = Path(__file__).parent / "sample_project"
 
 
-def test_sample_project_passes_with_the_plugin() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHONPATH"] = str(SAMPLE)
-    proc = subprocess.run(
-        [str(BIN / "pytest"), "-q", "-p", "no:cacheprovider", str(SAMPLE)],
-        cwd=SAMPLE,
+def _pytest(
+    cwd: Path, *args: str, pythonpath: Path | None = None, inherit_path: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """The venv's pytest on ``args`` in ``cwd``: without this process's PYTHONPATH (so
+    the project under test imports as a user's would) unless ``inherit_path``, and
+    with ``pythonpath`` as its own when given."""
+    env = dict(os.environ)
+    if not inherit_path:
+        env.pop("PYTHONPATH", None)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    return subprocess.run(
+        [str(BIN / "pytest"), "-q", "-p", "no:cacheprovider", *args],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
+
+
+def test_sample_project_passes_with_the_plugin() -> None:
+    proc = _pytest(SAMPLE, str(SAMPLE), pythonpath=SAMPLE)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "4 passed" in proc.stdout
 
@@ -31,14 +43,7 @@ def test_sample_project_passes_with_the_plugin() -> None:
 def test_missing_flows_fixture_is_explained(tmp_path: Path) -> None:
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
     (tmp_path / "test_x.py").write_text("def test_x(pgflow_database_url):\n    pass\n")
-    proc = subprocess.run(
-        [str(BIN / "pytest"), "-q", "-p", "no:cacheprovider", str(tmp_path)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    proc = _pytest(tmp_path, str(tmp_path), inherit_path=True)
     assert proc.returncode != 0
     assert "override the pgflow_flows fixture in your conftest.py" in proc.stdout + proc.stderr
 
@@ -71,16 +76,7 @@ def test_plain_pytest_imports_the_project_in_a_fresh_project(tmp_path: Path) -> 
         "    run = run_flow(pgflow_database_url, hello, {'name': 'Ada'})\n"
         "    assert run.output == {'greet': 'Hello, Ada!'}\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run(
-        [str(BIN / "pytest"), "-q", "-p", "no:cacheprovider", "tests"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    proc = _pytest(tmp_path, "tests")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 passed" in proc.stdout
 
@@ -115,15 +111,6 @@ def test_the_worker_fixture_fires_schedules_only_when_asked(tmp_path: Path) -> N
         "        await asyncio.sleep(0.1)\n"
         "    raise AssertionError('no tick fired in 10 s')\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run(
-        [str(BIN / "pytest"), "-q", "-p", "no:cacheprovider", "--strict-markers", str(tmp_path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    proc = _pytest(tmp_path, "--strict-markers", str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 passed" in proc.stdout

@@ -161,15 +161,7 @@ def test_a_task_queued_while_the_completing_statement_waited_is_left_for_the_nex
     with psycopg.connect(prepared, autocommit=True) as conn:
         conn.execute("INSERT INTO switches VALUES ('first_waits', true)")
     [waited] = start_runs(prepared, "chained", [{"n": 1}])  # read when the worker starts
-    [process] = workers(
-        prepared,
-        tmp_path,
-        1,
-        app="chain_app:flows",
-        PGFLOW_SA_WORKER_USE_NOTIFICATIONS="false",
-        PGFLOW_SA_WORKER_POLL_INTERVAL="30",
-        PGFLOW_SA_WORKER_FALLBACK_POLL_INTERVAL="30",
-    )
+    process = _reading_only_at_start(prepared, tmp_path)
     try:
         with _completion_behind_a_lock(prepared, waited):
             start_runs(prepared, "chained", [{"n": 10}])
@@ -195,16 +187,7 @@ def test_a_claim_held_up_by_a_locked_task_lets_the_worker_heartbeat(
     hide = "SELECT pgmq.set_vt('chained', message_id, %s) FROM pgflow.step_tasks WHERE run_id = %s"
     with psycopg.connect(prepared, autocommit=True) as conn:
         conn.execute(hide, [60, blocked])  # the worker's first read takes `waited` only
-    [process] = workers(
-        prepared,
-        tmp_path,
-        1,
-        app="chain_app:flows",
-        PGFLOW_SA_WORKER_USE_NOTIFICATIONS="false",
-        PGFLOW_SA_WORKER_POLL_INTERVAL="30",
-        PGFLOW_SA_WORKER_FALLBACK_POLL_INTERVAL="30",
-        PGFLOW_SA_WORKER_STALL_MARGIN="3",
-    )
+    process = _reading_only_at_start(prepared, tmp_path, PGFLOW_SA_WORKER_STALL_MARGIN="3")
     ages = []
     try:
         wait_until(lambda: ("first", "start") in _events(prepared), 30, "first to start")
@@ -252,6 +235,22 @@ def test_a_claim_waiting_for_a_lock_when_its_worker_exits_starts_nothing(
             stop([process])
         wait_until(lambda: not _waiting_on_a_lock(prepared), 10, "its session to end")
     assert _task(prepared, run_id, "first") == ("queued", 0)
+
+
+def _reading_only_at_start(url: str, tmp_path: Path, **env: str) -> WorkerProcess:
+    """A worker of chain_app that reads the queue when it starts and then only when its
+    own completions or a 30 s poll say to (no notifications)."""
+    [process] = workers(
+        url,
+        tmp_path,
+        1,
+        app="chain_app:flows",
+        PGFLOW_SA_WORKER_USE_NOTIFICATIONS="false",
+        PGFLOW_SA_WORKER_POLL_INTERVAL="30",
+        PGFLOW_SA_WORKER_FALLBACK_POLL_INTERVAL="30",
+        **env,
+    )
+    return process
 
 
 @contextlib.contextmanager
